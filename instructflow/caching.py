@@ -1,0 +1,148 @@
+"""Cross-run stage caching on top of Prefect.
+
+Prefect's DEFAULT policy includes the flow-run id and never hits across runs. A stage's key
+here is exactly: the stage name, a digest of the stage's source code (and the shared modules
+it names), the digests of its input artifacts (not their paths), and the JSON of the config
+sections it receives. Before Prefect is allowed to hit, the cached artifact is re-hashed: a
+corrupted or half-written one has its cache record removed, so the stage recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel
+
+from instructflow import workspace
+from instructflow.artifacts import ArtifactRef, is_valid
+
+log = logging.getLogger("instructflow.cache")
+
+
+def canonical(value: Any) -> Any:
+    """A JSON-able, deterministic view of a stage input; artifacts count by digest only."""
+    if isinstance(value, ArtifactRef):
+        return {"artifact": value.stage, "digest": value.digest}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def code_digest(files: Iterable[str | Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted({str(Path(f).resolve()) for f in files}):
+        h.update(Path(f).name.encode())
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def inputs_key(stage: str, code: str, inputs: dict[str, Any], exclude: Iterable[str] = ()) -> str:
+    skip = set(exclude)
+    payload = {
+        "stage": stage,
+        "code": code,
+        "inputs": canonical({k: v for k, v in inputs.items() if k not in skip}),
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:40]}"
+
+
+def _cached_ref(key: str) -> ArtifactRef | None | bool:
+    """The ArtifactRef Prefect stored under `key`; None if no record, False if unreadable."""
+    from prefect.results import ResultRecord
+
+    record_path = workspace.prefect_results_dir() / key
+    if not record_path.is_file():
+        return None
+    try:
+        value = ResultRecord.deserialize(record_path.read_bytes()).result
+    except Exception:
+        return False
+    return value if isinstance(value, ArtifactRef) else None
+
+
+def _make_policy_class():
+    from prefect.cache_policies import CachePolicy
+
+    @dataclass
+    class StageCachePolicy(CachePolicy):
+        stage: str = ""
+        code: str = ""
+        exclude: list[str] = field(default_factory=list)
+        key_extra: Callable[[dict[str, Any]], Any] | None = None
+
+        def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+            extra: dict[str, Any] = {}
+            if self.key_extra is not None:
+                try:
+                    extra = {"__extra__": self.key_extra(inputs)}
+                except Exception:
+                    # The task itself will meet the same problem and report it in one line.
+                    import uuid
+
+                    extra = {"__extra__": uuid.uuid4().hex}
+            key = inputs_key(self.stage, self.code, {**inputs, **extra}, self.exclude)
+            cached = _cached_ref(key)
+            if cached is False or (isinstance(cached, ArtifactRef) and not is_valid(cached)):
+                # Never trust a record whose artifact no longer hashes to its digest.
+                msg = f"{self.stage}: cached artifact failed its digest check; recomputing"
+                log.warning(msg)
+                from instructflow import progress
+
+                progress.notify("warning", stage=self.stage, message=msg)
+                (workspace.prefect_results_dir() / key).unlink(missing_ok=True)
+            return key
+
+    return StageCachePolicy
+
+
+def stage_task(
+    name: str,
+    *,
+    code_deps: Iterable[ModuleType] = (),
+    exclude: Iterable[str] = (),
+    key_extra: Callable[[dict[str, Any]], Any] | None = None,
+    cache: bool = True,
+    **task_kwargs: Any,
+) -> Callable[[Callable[..., ArtifactRef]], Any]:
+    """Wrap a stage's plain function as a Prefect task with the stage cache policy.
+
+    `code_deps`: shared modules whose source changes the stage's output (e.g. templates).
+    `exclude`: inputs that do not change the output (e.g. a live MLflow run id).
+    `key_extra(inputs)`: more key material that is not an input, e.g. the download source's
+    current fingerprint, so a changed source misses the cache.
+    `cache=False`: stages that read live state (register) always run.
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    def wrap(fn: Callable[..., ArtifactRef]):
+        files = [inspect.getsourcefile(fn)] + [inspect.getsourcefile(m) for m in code_deps]
+        if cache:
+            policy = _make_policy_class()(
+                stage=name, code=code_digest(files), exclude=list(exclude), key_extra=key_extra
+            )
+        else:
+            policy = NO_CACHE
+        return task(
+            name=name,
+            cache_policy=policy,
+            persist_result=cache,
+            **task_kwargs,
+        )(fn)
+
+    return wrap

@@ -1,0 +1,251 @@
+"""`instructflow` command line: run the pipeline (and, via subcommands, serve/generate/...)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from instructflow import workspace
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class RunView:
+    """Live progress of a pipeline run: one row per stage, then a final table."""
+
+    def __init__(self, console, live: bool):
+        from instructflow.pipeline import STAGES
+
+        self.console = console
+        self.live_enabled = live
+        self.rows: dict[str, dict[str, Any]] = {s: {"state": "Pending"} for s in STAGES}
+        self.ids: dict[str, Any] = {}
+        self.started: dict[str, float] = {}
+        self.step: dict[str, str] = {}
+        self.live = None
+
+    def __call__(self, event: str, payload: dict[str, Any]) -> None:
+        if event == "run_started":
+            self.ids = payload
+        elif event == "stage_started":
+            stage = payload["stage"]
+            self.started[stage] = time.perf_counter()
+            self.rows[stage] = {"state": "Running"}
+        elif event == "stage_progress":
+            stage = payload["stage"]
+            done, total = payload.get("completed"), payload.get("total")
+            extra = payload.get("message", "")
+            self.step[stage] = f"{done}/{total} {extra}".strip() if total else str(extra)
+        elif event == "stage_finished":
+            stage = payload.pop("stage")
+            self.rows[stage] = payload
+            self.step.pop(stage, None)
+            if not self.live_enabled:
+                self.console.print(self._line(stage))
+        elif event == "warning" and not self.live_enabled:
+            self.console.print(f"[yellow]warning[/]: {payload.get('message')}")
+        if self.live is not None:
+            self.live.update(self.table())
+
+    def _line(self, stage: str) -> str:
+        row = self.rows[stage]
+        secs = row.get("seconds")
+        secs_txt = f" {secs:.1f}s" if isinstance(secs, int | float) else ""
+        detail = row.get("summary") or row.get("error") or ""
+        return f"{stage:<9} {row['state']:<9}{secs_txt} {detail}".rstrip()
+
+    def table(self):
+        from rich.table import Table
+
+        colors = {"Completed": "green", "Cached": "cyan", "Failed": "red", "Running": "yellow",
+                  "Skipped": "dim", "Pending": "dim"}
+        table = Table(title="instructflow run", expand=False)
+        for col in ("stage", "state", "seconds", "figures"):
+            table.add_column(col)
+        for stage, row in self.rows.items():
+            state = row.get("state", "Pending")
+            secs = row.get("seconds")
+            if state == "Running":
+                secs = time.perf_counter() - self.started.get(stage, time.perf_counter())
+            detail = row.get("summary") or row.get("error") or self.step.get(stage, "")
+            table.add_row(
+                stage,
+                f"[{colors.get(state, 'white')}]{state}[/]",
+                f"{secs:.1f}" if isinstance(secs, int | float) else "",
+                str(detail)[:80],
+            )
+        return table
+
+    def __enter__(self):
+        if self.live_enabled:
+            from rich.live import Live
+
+            self.live = Live(self.table(), console=self.console, refresh_per_second=4)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+            self.live = None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from instructflow.config import ConfigError, load_config
+
+    console = Console(stderr=False)
+    config_path = args.config
+    try:
+        load_config(config_path, args.set)  # fail fast, before Prefect starts
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from instructflow import progress
+    from instructflow.pipeline import STAGES
+
+    if args.until and args.until not in STAGES:
+        print(f"error: --until {args.until!r}: expected one of {', '.join(STAGES)}",
+              file=sys.stderr)
+        return 2
+
+    view = RunView(console, live=console.is_terminal and not args.plain)
+    progress.subscribe(view)
+    error: str | None = None
+    try:
+        from flows.finetune import finetune
+
+        with view:
+            finetune(config_path=config_path, overrides=args.set or [], until=args.until)
+    except KeyboardInterrupt:
+        error = "interrupted"
+    except Exception as exc:  # one line for users; --debug shows the traceback
+        if args.debug:
+            raise
+        error = _one_line(exc)
+    finally:
+        progress.unsubscribe(view)
+
+    from instructflow.pipeline import STAGES as ALL
+
+    stages = {}
+    for name in ALL:
+        row = view.rows.get(name, {})
+        state = row.get("state", "Pending")
+        if state in ("Pending", "Running"):
+            state = "Failed" if state == "Running" else "Skipped"
+        stages[name] = {
+            "state": state,
+            "seconds": row.get("seconds", 0.0),
+            "artifact_digest": row.get("artifact_digest"),
+        }
+    summary = {
+        "mlflow_run_id": view.ids.get("mlflow_run_id"),
+        "flow_run_id": view.ids.get("flow_run_id"),
+        "stages": stages,
+        "metrics": _collect_metrics(view.ids.get("mlflow_run_id")),
+    }
+    if error:
+        summary["error"] = error
+    for name, row in stages.items():
+        view.rows[name]["state"] = row["state"]
+    console.print(view.table())
+    if summary["mlflow_run_id"]:
+        console.print(
+            f"MLflow run [bold]{summary['mlflow_run_id']}[/] — open it with "
+            f"`instructflow ui` (store: {workspace.mlflow_db_uri()})"
+        )
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _collect_metrics(run_id: str | None) -> dict[str, float]:
+    if not run_id:
+        return {}
+    try:
+        from mlflow.tracking import MlflowClient
+
+        return dict(MlflowClient().get_run(run_id).data.metrics)
+    except Exception:
+        return {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instructflow", description=__doc__)
+    parser.add_argument("--home", help="workspace directory (default: $INSTRUCTFLOW_HOME or "
+                        "./.instructflow)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a config value (repeatable)")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    run.add_argument("--summary-json", metavar="PATH")
+    run.add_argument("--plain", action="store_true", help="no live view, one line per stage")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="show tracebacks")
+    run.set_defaults(func=cmd_run)
+
+    _register_extra_commands(sub)
+    return parser
+
+
+def _register_extra_commands(sub) -> None:
+    """Subcommands owned by other modules register themselves here (serve, generate, ...)."""
+    import importlib
+
+    for module in ("instructflow.commands",):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(sub)
+
+
+def _quiet_library_logs() -> None:
+    import logging
+
+    for name in ("mlflow", "alembic", "prefect", "httpx", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    workspace.configure(args.home)
+    _quiet_library_logs()
+    os.environ.setdefault("INSTRUCTFLOW_DEBUG", "1" if args.debug else "0")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""MLflow: one run per pipeline run; every stage's figures and files land in it.
+
+Stages never talk to MLflow for their results: they put figures into their artifact's
+manifest `meta`, and `log_stage` records them. So a Cached stage (whose code did not run)
+still fills the new run completely.
+
+Recognised `meta` keys (all optional):
+  metrics:      {name: number}                       -> "<stage>.<name>"
+  step_metrics: {name: [[step, value], ...]}         -> "<stage>.<name>" with steps
+  log_files:    [relpath, ...]                       -> artifacts under "<stage>/"
+  log_dirs:     [relpath, ...]                       -> artifacts under "<stage>/<relpath>"
+  datasets:     [{file, name, context}]              -> mlflow.log_input, digest = file sha256
+  tables:       [{file, artifact_file}]              -> mlflow.log_table (file: JSON {col: [..]})
+  params:       {name: value}                        -> "<stage>.<name>" params
+  tags:         {name: value}                        -> run tags
+  summary:      short text for the CLI table
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from instructflow import workspace
+from instructflow.artifacts import ArtifactRef, sha256_file
+
+SECRET_HINTS = ("api_key", "apikey", "secret", "password", "token")
+_MAX_PARAM_LEN = 6000
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def tracking_uri(configured: str | None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or workspace.mlflow_db_uri()
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    import httpx
+
+    try:
+        httpx.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); "
+            "start it or unset tracking.tracking_uri to use the local store"
+        ) from None
+
+
+def setup(configured_uri: str | None, experiment: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    uri = tracking_uri(configured_uri)
+    _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not uri.startswith(("http://", "https://")):
+        # Without an explicit location artifacts land in ./mlruns of the current directory.
+        location = (workspace.mlflow_artifact_root() / experiment).as_uri()
+    try:
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    except Exception:
+        # Created concurrently by another process.
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def redact(flat: dict[str, Any]) -> dict[str, Any]:
+    """Drop anything that looks like a secret value (names of env vars are kept)."""
+    out = {}
+    for k, v in flat.items():
+        leaf = k.rsplit(".", 1)[-1].lower()
+        if any(h in leaf for h in SECRET_HINTS) and not leaf.endswith("_env"):
+            continue
+        out[k] = v
+    return out
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_stage(run_id: str, ref: ArtifactRef) -> dict[str, Any]:
+    """Record a stage's artifact in the run; returns its flat metrics (for the CLI)."""
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    stage = ref.stage
+    meta = ref.meta
+    now = _now_ms()
+
+    metrics = {f"{stage}.{k}": float(v) for k, v in meta.get("metrics", {}).items() if _num(v)}
+    batch = [Metric(k, v, now, 0) for k, v in metrics.items()]
+    for name, series in meta.get("step_metrics", {}).items():
+        batch += [Metric(f"{stage}.{name}", float(v), now, int(s)) for s, v in series if _num(v)]
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+    params = {f"{stage}.{k}": v for k, v in meta.get("params", {}).items()}
+    params[f"{stage}.artifact_digest"] = ref.digest
+    log_params(client, run_id, params)
+    for k, v in meta.get("tags", {}).items():
+        client.set_tag(run_id, k, str(v))
+
+    for rel in meta.get("log_files", []):
+        path = ref.file(rel)
+        if path.is_file():
+            sub = Path(rel).parent.as_posix()
+            client.log_artifact(run_id, str(path), f"{stage}/{sub}" if sub != "." else stage)
+    for rel in meta.get("log_dirs", []):
+        if ref.file(rel).is_dir():
+            client.log_artifacts(run_id, str(ref.file(rel)), f"{stage}/{rel}")
+
+    with _active(run_id):
+        for ds in meta.get("datasets", []):
+            _log_dataset(ref, ds)
+        for table in meta.get("tables", []):
+            data = json.loads(ref.file(table["file"]).read_text(encoding="utf-8"))
+            mlflow.log_table(data, artifact_file=table["artifact_file"])
+    return metrics
+
+
+def _log_dataset(ref: ArtifactRef, ds: dict[str, Any]) -> None:
+    import mlflow
+    import pandas as pd
+
+    path = ref.file(ds["file"])
+    # MLflow's own digest hashes only the first 10,000 rows: pass the file's full sha256.
+    digest = sha256_file(path)[:16]
+    if path.suffix == ".jsonl":
+        frame = pd.read_json(path, lines=True, dtype=False)
+    elif path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.DataFrame()
+    frame = frame.map(lambda v: json.dumps(v) if isinstance(v, list | dict) else v)
+    dataset = mlflow.data.from_pandas(
+        frame, source=str(path), name=ds.get("name", path.stem), digest=digest
+    )
+    mlflow.log_input(dataset, context=ds.get("context", "train"))
+
+
+class _active:
+    """Temporarily make `run_id` the active fluent run of this thread."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.started = False
+
+    def __enter__(self):
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            mlflow.start_run(run_id=self.run_id, nested=active is not None)
+            self.started = True
+
+    def __exit__(self, *exc):
+        import mlflow
+
+        if self.started:
+            mlflow.end_run()
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
