@@ -21,7 +21,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from instructflow import workspace
 from instructflow.artifacts import ArtifactRef, is_valid
 
 log = logging.getLogger("instructflow.cache")
@@ -61,15 +60,17 @@ def inputs_key(stage: str, code: str, inputs: dict[str, Any], exclude: Iterable[
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:40]}"
 
 
-def _cached_ref(key: str) -> ArtifactRef | None | bool:
-    """The ArtifactRef Prefect stored under `key`; None if no record, False if unreadable."""
-    from prefect.results import ResultRecord
+def _record_path(store: Any, key: str) -> Path | None:
+    resolve = getattr(getattr(store, "result_storage", None), "_resolve_path", None)
+    return Path(resolve(key)) if resolve is not None else None
 
-    record_path = workspace.prefect_results_dir() / key
-    if not record_path.is_file():
+
+def _cached_ref(store: Any, key: str) -> ArtifactRef | None | bool:
+    """The ArtifactRef Prefect stored under `key`; None if no record, False if unreadable."""
+    if store is None or not store.exists(key):
         return None
     try:
-        value = ResultRecord.deserialize(record_path.read_bytes()).result
+        value = store.read(key).result
     except Exception:
         return False
     return value if isinstance(value, ArtifactRef) else None
@@ -96,7 +97,8 @@ def _make_policy_class():
 
                     extra = {"__extra__": uuid.uuid4().hex}
             key = inputs_key(self.stage, self.code, {**inputs, **extra}, self.exclude)
-            cached = _cached_ref(key)
+            store = getattr(task_ctx, "result_store", None)
+            cached = _cached_ref(store, key)
             if cached is False or (isinstance(cached, ArtifactRef) and not is_valid(cached)):
                 # Never trust a record whose artifact no longer hashes to its digest.
                 msg = f"{self.stage}: cached artifact failed its digest check; recomputing"
@@ -104,7 +106,10 @@ def _make_policy_class():
                 from instructflow import progress
 
                 progress.notify("warning", stage=self.stage, message=msg)
-                (workspace.prefect_results_dir() / key).unlink(missing_ok=True)
+                record = _record_path(store, key)
+                if record is not None:
+                    record.unlink(missing_ok=True)
+                    store.cache.pop(str(record), None)
             return key
 
     return StageCachePolicy

@@ -67,8 +67,14 @@ class RunView:
     def table(self):
         from rich.table import Table
 
-        colors = {"Completed": "green", "Cached": "cyan", "Failed": "red", "Running": "yellow",
-                  "Skipped": "dim", "Pending": "dim"}
+        colors = {
+            "Completed": "green",
+            "Cached": "cyan",
+            "Failed": "red",
+            "Running": "yellow",
+            "Skipped": "dim",
+            "Pending": "dim",
+        }
         table = Table(title="instructflow run", expand=False)
         for col in ("stage", "state", "seconds", "figures"):
             table.add_column(col)
@@ -117,18 +123,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from instructflow.pipeline import STAGES
 
     if args.until and args.until not in STAGES:
-        print(f"error: --until {args.until!r}: expected one of {', '.join(STAGES)}",
-              file=sys.stderr)
+        print(
+            f"error: --until {args.until!r}: expected one of {', '.join(STAGES)}", file=sys.stderr
+        )
         return 2
 
     view = RunView(console, live=console.is_terminal and not args.plain)
     progress.subscribe(view)
     error: str | None = None
     try:
-        from flows.finetune import finetune
+        from instructflow.pipeline import run_finetune
 
         with view:
-            finetune(config_path=config_path, overrides=args.set or [], until=args.until)
+            run_finetune(config_path, args.set or [], args.until)
     except KeyboardInterrupt:
         error = "interrupted"
     except Exception as exc:  # one line for users; --debug shows the traceback
@@ -188,20 +195,27 @@ def _collect_metrics(run_id: str | None) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instructflow", description=__doc__)
-    parser.add_argument("--home", help="workspace directory (default: $INSTRUCTFLOW_HOME or "
-                        "./.instructflow)")
+    parser.add_argument(
+        "--home", help="workspace directory (default: $INSTRUCTFLOW_HOME or ./.instructflow)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override a config value (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value (repeatable)",
+    )
     run.add_argument("--until", metavar="STAGE", help="stop after this stage")
     run.add_argument("--summary-json", metavar="PATH")
     run.add_argument("--plain", action="store_true", help="no live view, one line per stage")
-    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                     help="show tracebacks")
+    run.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
     run.set_defaults(func=cmd_run)
 
     _register_extra_commands(sub)

@@ -232,7 +232,9 @@ def _format_error(err: ValidationError, origin: str) -> str:
     return f"{origin}: {loc}: {msg}{more}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Load a YAML preset and apply `key.path=value` overrides; raise ConfigError on any problem."""
     tree: dict[str, Any] = {}
     origin = "<defaults>"

@@ -16,14 +16,20 @@ WORDS = (
 
 def _reverse(rng: random.Random) -> dict[str, str]:
     words = rng.sample(WORDS, rng.randint(2, 4))
-    return {"instruction": "Reverse the order of the words.", "input": " ".join(words),
-            "output": " ".join(reversed(words))}
+    return {
+        "instruction": "Reverse the order of the words.",
+        "input": " ".join(words),
+        "output": " ".join(reversed(words)),
+    }
 
 
 def _sort(rng: random.Random) -> dict[str, str]:
     nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
-    return {"instruction": "Sort the numbers in ascending order.",
-            "input": ", ".join(map(str, nums)), "output": ", ".join(map(str, sorted(nums)))}
+    return {
+        "instruction": "Sort the numbers in ascending order.",
+        "input": ", ".join(map(str, nums)),
+        "output": ", ".join(map(str, sorted(nums))),
+    }
 
 
 def _add(rng: random.Random) -> dict[str, str]:
@@ -34,14 +40,16 @@ def _add(rng: random.Random) -> dict[str, str]:
 def _upper(rng: random.Random) -> dict[str, str]:
     words = rng.sample(WORDS, rng.randint(1, 3))
     text = " ".join(words)
-    return {"instruction": "Convert the text to uppercase.", "input": text,
-            "output": text.upper()}
+    return {"instruction": "Convert the text to uppercase.", "input": text, "output": text.upper()}
 
 
 def _count(rng: random.Random) -> dict[str, str]:
     word = rng.choice(WORDS)
-    return {"instruction": f"How many letters are in the word '{word}'?", "input": "",
-            "output": str(len(word))}
+    return {
+        "instruction": f"How many letters are in the word '{word}'?",
+        "input": "",
+        "output": str(len(word)),
+    }
 
 
 GENERATORS = (_reverse, _sort, _add, _upper, _count)

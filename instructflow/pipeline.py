@@ -54,8 +54,9 @@ class PipelineRun:
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> PipelineRun:
-        import mlflow
         from prefect.runtime import flow_run
+
+        import mlflow
 
         self.flow_run_id = flow_run.get_id()
         exp_id = tracking.setup(self.cfg.tracking.tracking_uri, self.cfg.tracking.experiment)
@@ -79,14 +80,18 @@ class PipelineRun:
         if self.config_path and Path(self.config_path).is_file():
             mlflow.log_artifact(self.config_path, "config")
         mlflow.log_dict(self.cfg.model_dump(mode="json", by_alias=True), "config/resolved.json")
-        progress.notify("run_started", mlflow_run_id=self.mlflow_run_id, flow_run_id=self.flow_run_id)
+        progress.notify(
+            "run_started", mlflow_run_id=self.mlflow_run_id, flow_run_id=self.flow_run_id
+        )
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         import mlflow
 
         for name in STAGES:
-            self.stages.setdefault(name, {"state": "Skipped", "seconds": 0.0, "artifact_digest": None})
+            self.stages.setdefault(
+                name, {"state": "Skipped", "seconds": 0.0, "artifact_digest": None}
+            )
         failed = exc_type is not None and exc_type is not StopPipeline
         mlflow.end_run(status="FAILED" if failed else "FINISHED")
         progress.notify("run_finished", failed=failed)
@@ -103,8 +108,12 @@ class PipelineRun:
         seconds = time.perf_counter() - t0
         if not state.is_completed():
             reason = _failure_reason(state)
-            self.stages[name] = {"state": "Failed", "seconds": seconds, "artifact_digest": None,
-                                 "error": reason}
+            self.stages[name] = {
+                "state": "Failed",
+                "seconds": seconds,
+                "artifact_digest": None,
+                "error": reason,
+            }
             progress.notify("stage_finished", stage=name, **self.stages[name])
             raise StageFailed(name, reason)
         ref: ArtifactRef = state.result()
@@ -150,6 +159,18 @@ class PipelineRun:
             "stages": self.stages,
             "metrics": self.metrics,
         }
+
+
+def run_finetune(
+    config_path: str | None, overrides: list[str] | None = None, until: str | None = None
+) -> dict[str, Any]:
+    """Run the finetune flow in-process with its Prefect results kept in the workspace."""
+    from flows.finetune import finetune
+
+    # A Path (not a block) keeps cache records inside this workspace, whatever the
+    # process-wide Prefect settings say; tasks inherit the flow's result store.
+    flow = finetune.with_options(result_storage=workspace.prefect_results_dir())
+    return flow(config_path=config_path, overrides=overrides or [], until=until)
 
 
 def _failure_reason(state) -> str:

@@ -109,9 +109,10 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 
 def log_stage(run_id: str, ref: ArtifactRef) -> dict[str, Any]:
     """Record a stage's artifact in the run; returns its flat metrics (for the CLI)."""
-    import mlflow
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
+
+    import mlflow
 
     client = MlflowClient()
     stage = ref.stage
@@ -150,8 +151,9 @@ def log_stage(run_id: str, ref: ArtifactRef) -> dict[str, Any]:
 
 
 def _log_dataset(ref: ArtifactRef, ds: dict[str, Any]) -> None:
-    import mlflow
     import pandas as pd
+
+    import mlflow
 
     path = ref.file(ds["file"])
     # MLflow's own digest hashes only the first 10,000 rows: pass the file's full sha256.

@@ -59,8 +59,9 @@ def _http_validators(cfg: DataConfig) -> dict[str, str] | None:
         raise DownloadError(f"{cfg.source}: {type(exc).__name__}: {exc}") from None
     if resp.status_code >= 400:
         raise DownloadError(f"{cfg.source}: HTTP {resp.status_code}")
-    keep = {k: resp.headers[k] for k in ("etag", "last-modified", "content-length")
-            if k in resp.headers}
+    keep = {
+        k: resp.headers[k] for k in ("etag", "last-modified", "content-length") if k in resp.headers
+    }
     return keep if ("etag" in keep or "last-modified" in keep) else None
 
 
@@ -187,5 +188,6 @@ def data_files(ref: ArtifactRef) -> list[Path]:
     return sorted(p for p in (ref.dir / "data").rglob("*") if p.is_file())
 
 
-download_task = stage_task("download", code_deps=[demo_data],
-                           key_extra=lambda inputs: fingerprint(inputs["cfg"]))(download)
+download_task = stage_task(
+    "download", code_deps=[demo_data], key_extra=lambda inputs: fingerprint(inputs["cfg"])
+)(download)
