@@ -59,6 +59,7 @@ def configure(path: str | os.PathLike[str] | None = None) -> Path:
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
