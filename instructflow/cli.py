@@ -246,6 +246,10 @@ def _quiet_library_logs() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:
+        # Prefect echoes task/flow tracebacks to the console; users get our one-line error
+        # (the full log still reaches the Prefect API/UI). --debug shows everything.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     workspace.configure(args.home)
     _quiet_library_logs()
     os.environ.setdefault("INSTRUCTFLOW_DEBUG", "1" if args.debug else "0")

@@ -161,6 +161,8 @@ class TrackingConfig(Section):
     experiment: str = "instructflow"
     # None: sqlite store in the workspace. Otherwise a tracking server URI.
     tracking_uri: str | None = None
+    # When tracking_uri is unreachable: fail at start (default), or log to the workspace store.
+    on_unreachable: Literal["fail", "local"] = "fail"
     log_system_metrics: bool = True
     min_free_disk_mb: int = Field(default=500, ge=0)
 

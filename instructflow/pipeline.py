@@ -59,7 +59,8 @@ class PipelineRun:
         import mlflow
 
         self.flow_run_id = flow_run.get_id()
-        exp_id = tracking.setup(self.cfg.tracking.tracking_uri, self.cfg.tracking.experiment)
+        tcfg = self.cfg.tracking
+        exp_id = tracking.setup(tcfg.tracking_uri, tcfg.experiment, tcfg.on_unreachable)
         run = mlflow.start_run(
             experiment_id=exp_id,
             run_name=flow_run.get_name() or None,

@@ -53,12 +53,23 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def setup(configured_uri: str | None, experiment: str) -> str:
+def setup(configured_uri: str | None, experiment: str, on_unreachable: str = "fail") -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import logging
+
     import mlflow
 
     uri = tracking_uri(configured_uri)
-    _check_reachable(uri)
+    try:
+        _check_reachable(uri)
+    except TrackingError as exc:
+        if on_unreachable != "local":
+            raise
+        logging.getLogger("instructflow").warning("%s; logging to the workspace store", exc)
+        from instructflow import progress
+
+        progress.notify("warning", message=f"{exc}; logging to {workspace.mlflow_db_uri()}")
+        uri = workspace.mlflow_db_uri()
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:

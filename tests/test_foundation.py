@@ -76,3 +76,12 @@ def test_download_is_cached_across_flow_runs_and_recomputed_when_corrupt(home, t
     fourth = run_finetune(None, overrides, until="download")
     assert fourth["stages"]["download"]["state"] == "Completed"
     assert fourth["stages"]["download"]["artifact_digest"] != digest
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
