@@ -104,6 +104,7 @@ def write_artifact(
         manifest = {"stage": stage, "digest": digest, "files": files, "meta": meta}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
         _fsync_tree(tmp)
+        _fault_pause(stage)
         final = base / digest
         if final.exists():
             if _is_valid(final, digest):
@@ -122,6 +123,18 @@ def write_artifact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fault_pause(stage: str) -> None:
+    """Fault injection for tests: hold a finished-but-unpublished artifact so a test can
+    SIGKILL the process exactly between writing and the atomic rename."""
+    if os.environ.get("INSTRUCTFLOW_FAULT_PAUSE_STAGE") == stage:
+        import time
+
+        marker = os.environ.get("INSTRUCTFLOW_FAULT_MARKER")
+        if marker:
+            Path(marker).write_text(stage)
+        time.sleep(float(os.environ.get("INSTRUCTFLOW_FAULT_PAUSE_S", "60")))
 
 
 def _is_valid(path: Path, digest: str) -> bool:
