@@ -1,10 +1,184 @@
-"""register stage (placeholder until implemented)."""
+"""register: log the fine-tuned model to MLflow, register it as `challenger`, gate `champion`.
 
+Never cached: it reads live registry state (who the champion is). The model is a pyfunc
+around the adapter + a reference to the base weights (see instructflow/registry.py). The
+gate compares the challenger's evaluate report with the champion's (metrics are stored as
+tags on each version, with the digest of the test split they were measured on); passing
+moves `champion`. The decision and its reasons become tags on the version and on the run,
+and `decision.json` in this stage's artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from instructflow import registry, tracking
+from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
+from instructflow.config import RegisterConfig
 
 
-def register(model, report, base, cfg):
-    raise NotImplementedError("the register stage is not implemented yet")
+def report_metrics(report: ArtifactRef) -> tuple[dict[str, float], dict[str, Any]]:
+    """(numeric metrics, judge section) of an evaluate report."""
+    data = json.loads(report.file("report.json").read_text())
+    judge = data.get("judge") or {}
+    merged = {**{k: v for k, v in judge.items() if k == "win_rate"}, **data.get("metrics", {})}
+    nums = {k: float(v) for k, v in merged.items() if _num(v)}
+    return nums, judge
 
 
-register_task = stage_task("register")(register)
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v
+
+
+def _active_run() -> tuple[str, bool]:
+    """The pipeline's MLflow run (inside the flow), or a new one for a direct call."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is not None:
+        return run.info.run_id, False
+    exp = tracking.setup(None, "instructflow")
+    return mlflow.start_run(experiment_id=exp, run_name="register").info.run_id, True
+
+
+def model_card(name: str, run_id: str, train: dict, base: dict, params: dict, metrics, judge):
+    digests = {k: v for k, v in sorted(params.items()) if k.endswith(".artifact_digest")}
+    config = {
+        k: v
+        for k, v in sorted(params.items())
+        if k.split(".")[0] in ("data", "model", "tokenize", "train", "evaluate", "judge")
+    }
+    ref = (
+        f"`{base.get('name_or_path')}` ({base.get('kind')}"
+        + (f", revision `{base['revision']}`" if base.get("revision") else "")
+        + ")"
+    )
+    where = (
+        "weights shipped with this model (they exist only in the workspace)"
+        if base.get("weights")
+        else "referenced, not copied: loaded from the hub id + revision or the local path"
+    )
+    lines = [
+        f"# {name}",
+        "",
+        f"Fine-tuned with instructflow (MLflow run `{run_id}`), method `{train.get('method')}`, "
+        f"prompt template `{train.get('template')}`.",
+        "",
+        f"**Base model**: {ref}; {where}.",
+        "",
+        "## Data (artifact digests)",
+        *[f"- `{k.removesuffix('.artifact_digest')}`: `{v}`" for k, v in digests.items()],
+        "",
+        "## Metrics (test split)",
+        *[f"- {k}: {v:.4g}" for k, v in sorted(metrics.items())],
+        "",
+        "## Judge",
+        "```json",
+        json.dumps(judge, indent=1, sort_keys=True, default=str),
+        "```",
+        "",
+        "## Config",
+        *[f"- `{k}`: `{v}`" for k, v in config.items()],
+        "",
+        "Usage: `instructflow generate --model models:/" + name + "@champion 'instruction'`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def register(
+    model: ArtifactRef, report: ArtifactRef, base: ArtifactRef, cfg: RegisterConfig
+) -> ArtifactRef:
+    if not cfg.enabled:
+        decision = {"version": None, "alias": None, "promoted": False, "reasons": ["disabled"]}
+        return _publish(decision, cfg, "register.enabled is false: nothing registered")
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+
+    run_id, own_run = _active_run()
+    client = MlflowClient()
+    try:
+        params = client.get_run(run_id).data.params
+        metrics, judge = report_metrics(report)
+        split_digest = params.get("split.artifact_digest", "")
+        train_info = json.loads(model.file("train.json").read_text())
+        base_info = json.loads(base.file("model.json").read_text())
+        card = model_card(cfg.model_name, run_id, train_info, base_info, params, metrics, judge)
+        with tempfile.TemporaryDirectory() as tmp:
+            artifacts = registry.stage_model_files(model, base, card, Path(tmp))
+            # The active run is the pipeline's (or the one started above).
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(registry.model_code_file(Path(tmp))),
+                artifacts=artifacts,
+                signature=registry.signature(),
+                pip_requirements=registry.pip_requirements(train_info.get("method", "")),
+                registered_model_name=cfg.model_name,
+                metadata={"base_model": base_info, "template": train_info.get("template")},
+            )
+        version = str(info.registered_model_version)
+        tags = {f"{registry.METRIC_TAG}{k}": str(v) for k, v in metrics.items()}
+        tags[registry.SPLIT_TAG] = split_digest
+        for k, v in tags.items():
+            client.set_model_version_tag(cfg.model_name, version, k, v)
+        client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)
+
+        try:
+            champ = client.get_model_version_by_alias(cfg.model_name, registry.CHAMPION)
+        except MlflowException:
+            champ = None
+        champ_metrics = registry.version_metrics(champ) if champ is not None else None
+        same = champ is None or champ.tags.get(registry.SPLIT_TAG, "") == split_digest
+        promoted, reasons = registry.gate(metrics, champ_metrics, cfg, same_split=same)
+        if promoted:
+            client.set_registered_model_alias(cfg.model_name, registry.CHAMPION, version)
+        verdict = "promoted" if promoted else "rejected"
+        gate_tags = {registry.DECISION_TAG: verdict, registry.REASONS_TAG: "; ".join(reasons)}
+        for k, v in gate_tags.items():
+            client.set_model_version_tag(cfg.model_name, version, k, v)
+            client.set_tag(run_id, k, v)
+        client.update_model_version(
+            cfg.model_name, version, card + f"\n## Gate: {verdict}\n" + "\n".join(reasons)
+        )
+    finally:
+        if own_run:
+            mlflow.end_run()
+    decision = {
+        "model_name": cfg.model_name,
+        "version": int(version),
+        "model_uri": f"models:/{cfg.model_name}/{version}",
+        "alias": registry.CHAMPION if promoted else registry.CHALLENGER,
+        "promoted": promoted,
+        "champion_before": int(champ.version) if champ is not None else None,
+        "reasons": reasons,
+    }
+    summary = f"{cfg.model_name} v{version} {verdict}" + (" -> champion" if promoted else "")
+    return _publish(decision, cfg, summary, gate_tags)
+
+
+def _publish(decision: dict, cfg: RegisterConfig, summary: str, tags=None) -> ArtifactRef:
+    def write(tmp: Path) -> dict[str, Any]:
+        (tmp / "decision.json").write_text(json.dumps(decision, indent=1))
+        meta: dict[str, Any] = {
+            "params": {"model_name": cfg.model_name},
+            "log_files": ["decision.json"],
+            "tags": tags or {},
+            "summary": summary,
+        }
+        if decision["version"] is not None:
+            meta["metrics"] = {
+                "version": decision["version"],
+                "promoted": int(decision["promoted"]),
+            }
+        return meta
+
+    return write_artifact("register", write)
+
+
+register_task = stage_task("register", cache=False)(register)

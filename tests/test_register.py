@@ -1,0 +1,171 @@
+"""register: the pyfunc reloads exactly from the registry, aliases and the promotion gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructflow.artifacts import ArtifactRef, write_artifact
+from instructflow.config import ModelConfig, RegisterConfig
+
+NAME = "reg-test"
+
+
+@pytest.fixture
+def local_base(home, tmp_path) -> tuple[ArtifactRef, ArtifactRef]:
+    """A base model in a local folder (kind=local: the registry must reference, not copy it)."""
+    from tasks.base_model import (
+        build_builtin_model,
+        build_builtin_tokenizer,
+        prepare_base_model,
+        prepare_tokenizer,
+    )
+
+    folder = tmp_path / "my-base"
+    tok = build_builtin_tokenizer()
+    tok.save_pretrained(str(folder))
+    build_builtin_model(tok).save_pretrained(str(folder), safe_serialization=True)
+    cfg = ModelConfig(name_or_path=str(folder))
+    tok_ref = prepare_tokenizer(cfg)
+    return tok_ref, prepare_base_model(cfg, tok_ref)
+
+
+def make_train(base: ArtifactRef, tok_ref: ArtifactRef, seed: int) -> tuple[ArtifactRef, object]:
+    """A train artifact (contract layout) holding a tiny random LoRA adapter, and the model."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.base_model import load_base_model, model_info
+
+    torch.manual_seed(seed)
+    # init_lora_weights=False: B is random too, so the adapter really changes the logits.
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(load_base_model(base, dtype=torch.float32), lora).eval()
+
+    def write(tmp: Path):
+        model.save_pretrained(str(tmp / "adapter"))
+        shutil.copytree(tok_ref.dir, tmp / "tokenizer", ignore=shutil.ignore_patterns("MANI*"))
+        info = {"method": "lora", "base_model": model_info(base), "template": "alpaca"}
+        (tmp / "train.json").write_text(json.dumps(info))
+        return {}
+
+    return write_artifact("train", write), model
+
+
+def make_report(**metrics) -> ArtifactRef:
+    def write(tmp: Path):
+        judge = {"win_rate": metrics.pop("win_rate")} if "win_rate" in metrics else {}
+        (tmp / "report.json").write_text(json.dumps({"metrics": metrics, "judge": judge}))
+
+    return write_artifact("evaluate", write)
+
+
+def logits(model, tokenizer, text="### Instruction:\nreverse abc\n\n### Response:\n"):
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def test_registered_model_reloads_exactly_and_first_version_is_champion(home, local_base, capsys):
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+    from instructflow import registry
+    from tasks.register import register
+
+    tok_ref, base = local_base
+    train, trained = make_train(base, tok_ref, seed=1)
+    report = make_report(perplexity=5.0, perplexity_base=9.0, rougeL=0.4, rougeL_base=0.1)
+    ref = register(train, report, base, RegisterConfig(model_name=NAME))
+    decision = json.loads(ref.file("decision.json").read_text())
+    assert decision["promoted"] is True and decision["version"] == 1
+    assert "first version" in decision["reasons"][0]
+
+    client = MlflowClient()
+    champ = client.get_model_version_by_alias(NAME, "champion")
+    assert champ.version == 1
+    assert client.get_model_version_by_alias(NAME, "challenger").version == 1
+    assert champ.tags["instructflow.gate.decision"] == "promoted"
+    assert "my-base" in champ.description  # the model card names the base model
+    run = client.get_run(champ.run_id)
+    assert run.data.tags["instructflow.gate.decision"] == "promoted"
+
+    model, tok, template = registry.load_for_inference(f"models:/{NAME}@champion")
+    assert template == "alpaca"
+    assert torch.allclose(logits(model, tok), logits(trained, tok), atol=1e-5)
+    # Reference, not copy: the logged model holds the adapter but no base weights.
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
+    weights = sorted(p.name for p in local.rglob("*.safetensors"))
+    assert weights == ["adapter_model.safetensors"], weights
+    assert json.loads(next(local.rglob("base/model.json")).read_text())["kind"] == "local"
+    # MLflow's own loader answers through the signature's columns.
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    out = pyfunc.predict([{"instruction": "reverse abc"}], params={"max_new_tokens": 4})
+    assert len(out) == 1 and isinstance(out[0], str)
+    # The CLI answers from the registry exactly as the trained model does (greedy decoding).
+    from instructflow.cli import main
+
+    capsys.readouterr()
+    args = ["generate", "--model", f"models:/{NAME}@champion", "reverse abc"]
+    assert main([*args, "--max-new-tokens", "6"]) == 0
+    expected = registry.generate(trained, tok, "alpaca", "reverse abc", max_new_tokens=6)
+    assert capsys.readouterr().out.strip() == expected
+    assert main(["generate", "--model", f"models:/{NAME}@nope", "x"]) == 1
+    assert "cannot load from MLflow" in capsys.readouterr().err
+
+
+def test_gate_rejects_regression_and_promotes_improvement(home):
+    from mlflow.tracking import MlflowClient
+
+    from instructflow import registry
+    from tasks.base_model import prepare_base_model, prepare_tokenizer
+    from tasks.register import register
+
+    cfg = RegisterConfig(model_name=NAME)
+    tok_ref = prepare_tokenizer(ModelConfig())
+    base = prepare_base_model(ModelConfig(), tok_ref)  # builtin: weights ship with the model
+    train, trained = make_train(base, tok_ref, seed=2)
+    good = dict(perplexity=5.0, perplexity_base=9.0, rougeL=0.40, rougeL_base=0.1, win_rate=0.7)
+    register(train, make_report(**good), base, cfg)
+
+    worse = {**good, "rougeL": 0.30}
+    second = json.loads(
+        register(train, make_report(**worse), base, cfg).file("decision.json").read_text()
+    )
+    assert second["promoted"] is False and second["champion_before"] == 1
+    assert any("ROUGE-L" in r and "> 0.02" in r for r in second["reasons"])
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(NAME, "champion").version == 1
+    assert client.get_model_version_by_alias(NAME, "challenger").version == 2
+    assert client.get_model_version(NAME, 2).tags["instructflow.gate.decision"] == "rejected"
+
+    better = {**good, "perplexity": 5.1, "rougeL": 0.41}  # +2% perplexity is within 5%
+    third = json.loads(
+        register(train, make_report(**better), base, cfg).file("decision.json").read_text()
+    )
+    assert third["promoted"] is True, third["reasons"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == 3
+
+    model, tok, _ = registry.load_for_inference(f"models:/{NAME}@champion")
+    assert torch.allclose(logits(model, tok), logits(trained, tok), atol=1e-5)
+
+
+def test_gate_rules():
+    from instructflow.registry import gate
+
+    cfg = RegisterConfig(min_win_rate=0.5, max_rougeL_drop=0.02, max_perplexity_increase=0.05)
+    champ = {"perplexity": 10.0, "perplexity_base": 20.0, "rougeL": 0.5, "rougeL_base": 0.2}
+    ok, reasons = gate({**champ, "win_rate": 0.4}, champ, cfg)
+    assert not ok and any("win rate 0.400 < 0.5" in r for r in reasons)
+    ok, _ = gate({**champ, "perplexity": 10.6}, champ, cfg)
+    assert not ok  # +6% > +5%
+    ok, reasons = gate(dict(champ), champ, cfg)
+    assert ok and any("no pairwise judge" in r for r in reasons)
+    # Different test splits: compare each model's gain over its base, not raw values.
+    new = {"perplexity": 30.0, "perplexity_base": 60.0, "rougeL": 0.3, "rougeL_base": 0.0}
+    ok, reasons = gate(new, champ, cfg, same_split=False)
+    assert ok and all("splits differ" in r for r in reasons if "skipped" not in r)
+    assert not gate(new, champ, cfg, same_split=True)[0]
