@@ -1,10 +1,263 @@
-"""evaluate stage (placeholder until implemented)."""
+"""evaluate: the fine-tuned model vs its base on the test split.
 
+Perplexity over response tokens only (streamed), batched greedy generation (both models),
+BLEU (sacrebleu), ROUGE-1/2/L/Lsum (rouge-score, stemming), exact match, and the LLM judge
+(instructflow.judge). Output: report.json, examples.json (the per-example table, logged with
+mlflow.log_table), scores.png. Figures go into the manifest meta for tracking.log_stage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from instructflow import generation, judge, judge_prompts, progress, templates
+from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
+from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
-def evaluate(splits, model, base, tokenize_cfg, cfg, judge_cfg):
-    raise NotImplementedError("the evaluate stage is not implemented yet")
+class EvaluateError(RuntimeError):
+    pass
 
 
-evaluate_task = stage_task("evaluate")(evaluate)
+def load_rows(splits: ArtifactRef, limit: int | None) -> list[dict[str, Any]]:
+    path = splits.file("test.jsonl")
+    if not path.is_file():
+        raise EvaluateError(f"{path}: split artifact has no test.jsonl")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise EvaluateError(f"{path}:{n}: not valid JSON") from None
+    if not rows:
+        raise EvaluateError(f"{path}: the test split is empty (raise split.test)")
+    return rows[:limit] if limit else rows
+
+
+# -- automatic metrics ------------------------------------------------------------------------
+def text_metrics(hyps: list[str], refs: list[str]) -> tuple[dict[str, float], dict[str, list]]:
+    """Corpus BLEU, mean ROUGE F1s, exact match; and per-example BLEU / ROUGE-L."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    rouge = [scorer.score(r, h) for h, r in zip(hyps, refs, strict=True)]
+    per_bleu = [sacrebleu.sentence_bleu(h, [r]).score for h, r in zip(hyps, refs, strict=True)]
+    metrics = {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score}
+    for t in ROUGE_TYPES:
+        metrics[t] = sum(s[t].fmeasure for s in rouge) / len(rouge)
+    metrics["exact_match"] = sum(
+        _norm(h) == _norm(r) for h, r in zip(hyps, refs, strict=True)
+    ) / len(refs)
+    return metrics, {"bleu": per_bleu, "rougeL": [s["rougeL"].fmeasure for s in rouge]}
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def scored_examples(rows, template: str, tok) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per row, labels only on the final response (+ its end of turn)."""
+    special = templates.add_special_tokens(template)
+    out = []
+    for row in rows:
+        prompt = templates.generation_prompt(row, template, tok)
+        pieces, seen = [], 0
+        for text, trainable in templates.segments(row, template, tok):
+            if seen >= len(prompt):
+                pieces.append((text, trainable))
+            seen += len(text)
+        out.append(generation.response_tokens(tok, prompt, pieces, special))
+    return out
+
+
+# -- stage ------------------------------------------------------------------------------------
+def evaluate(
+    splits: ArtifactRef,
+    model: ArtifactRef,
+    base: ArtifactRef,
+    tokenize_cfg: TokenizeConfig,
+    cfg: EvaluateConfig,
+    judge_cfg: JudgeConfig,
+    champion_outputs: Callable[[list[dict[str, Any]]], list[str] | None] | None = None,
+) -> ArtifactRef:
+    """`champion_outputs(rows)`: optional hook giving the registered champion's answers; when it
+    returns some, pairwise judging compares against the champion instead of the base."""
+    import torch
+
+    from tasks.train import load_finetuned
+
+    rows = load_rows(splits, cfg.max_examples)
+    template = tokenize_cfg.template
+    ft_model, tok = load_finetuned(model, base)
+    prompts = [templates.generation_prompt(r, template, tok) for r in rows]
+    refs = [templates.reference(r) for r in rows]
+    stops = [*templates.stop_strings(template, tok), *cfg.stop_strings]
+    eot = templates.end_of_turn_token(template, tok)
+    total = 2 * len(rows) * (2 if cfg.compare_base else 1)
+    done = [0]
+
+    def tick(message: str) -> Callable[[int, int], None]:
+        base_done = done[0]
+
+        def report(completed: int, _n: int) -> None:
+            done[0] = base_done + completed
+            progress.notify(
+                "stage_progress", stage="evaluate", completed=done[0], total=total, message=message
+            )
+
+        return report
+
+    def run_model(m, label: str) -> tuple[float, int, list[str]]:
+        ppl, n_tok = generation.perplexity(
+            m,
+            scored_examples(rows, template, tok),
+            pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+            batch_size=max(1, cfg.batch_size // 4),
+            max_length=tokenize_cfg.max_length,
+        )
+        tick(f"perplexity {label}")(len(rows), len(rows))
+        outs = generation.generate(
+            m,
+            tok,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=cfg.seed,
+            stop_strings=stops,
+            stop_tokens=[eot],
+            add_special_tokens=templates.add_special_tokens(template),
+            max_prompt_tokens=tokenize_cfg.max_length,
+            progress=tick(f"generating {label}"),
+        )
+        return ppl, n_tok, outs
+
+    torch.manual_seed(cfg.seed)
+    ppl, n_tokens, ft_out = run_model(ft_model, "fine-tuned")
+    base_out: list[str] | None = None
+    metrics: dict[str, float] = {"perplexity": ppl, "test_examples": len(rows)}
+    if cfg.compare_base:
+        # A PEFT model is its base with the adapter switched off: no second copy in memory.
+        if hasattr(ft_model, "disable_adapter"):
+            base_model, ctx = ft_model, ft_model.disable_adapter()
+        else:
+            from tasks.base_model import load_base_model
+
+            base_model, ctx = load_base_model(base, dtype=torch.float32), nullcontext()
+        with ctx:
+            metrics["perplexity_base"], _, base_out = run_model(base_model, "base")
+
+    auto, per = text_metrics(ft_out, refs)
+    metrics.update(auto)
+    columns: dict[str, list[Any]] = {
+        "id": [r.get("id") for r in rows],
+        "instruction": [r.get("instruction", "") for r in rows],
+        "input": [r.get("input", "") for r in rows],
+        "reference": refs,
+        "finetuned_output": ft_out,
+        "bleu": per["bleu"],
+        "rougeL": per["rougeL"],
+    }
+    if base_out is not None:
+        auto_b, per_b = text_metrics(base_out, refs)
+        metrics.update({f"{k}_base": v for k, v in auto_b.items()})
+        columns.update(base_output=base_out, bleu_base=per_b["bleu"], rougeL_base=per_b["rougeL"])
+
+    items = [
+        judge.Item(r.get("instruction", ""), r.get("input", ""), ref)
+        for r, ref in zip(rows, refs, strict=True)
+    ]
+    opponent, opponent_name = base_out, "base"
+    champion = champion_outputs(rows) if champion_outputs else None
+    if champion is not None:
+        opponent, opponent_name = champion, "champion"
+    verdicts = judge.run_judge(
+        judge_cfg,
+        items,
+        ft_out,
+        opponent,
+        progress=lambda m: progress.notify("stage_progress", stage="evaluate", message=m),
+    )
+    metrics.update(verdicts.metrics)
+    n_judged = len(next(iter(verdicts.columns.values()), []))
+    for name, values in verdicts.columns.items():
+        columns[name] = values + [None] * (len(rows) - n_judged)
+
+    params = {
+        **judge.judge_params(judge_cfg),
+        "pairwise_opponent": opponent_name,
+        "template": template,
+        "stop_strings": json.dumps(stops),
+        "scored_tokens": n_tokens,
+    }
+    report = {
+        "metrics": metrics,
+        "judge": {
+            **params,
+            "config": judge_cfg.model_dump(mode="json"),
+            "failures": verdicts.failures[:20],
+        },
+        "generation": cfg.model_dump(mode="json"),
+        "prompt_version": judge_prompts.PROMPT_VERSION,
+    }
+
+    def write(tmp: Path) -> dict[str, Any]:
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        (tmp / "examples.json").write_text(json.dumps(columns, indent=1, default=str))
+        plot_scores(columns, tmp / "scores.png")
+        summary = f"ppl {ppl:.2f}"
+        if "perplexity_base" in metrics:
+            summary += f" (base {metrics['perplexity_base']:.2f})"
+        summary += f", ROUGE-L {metrics['rougeL']:.3f}"
+        if "win_rate" in metrics:
+            summary += f", win rate {metrics['win_rate']:.2f}"
+        if metrics.get("judge_failed"):
+            summary += f", judge_failed {int(metrics['judge_failed'])}"
+        return {
+            "metrics": metrics,
+            "params": params,
+            "log_files": ["report.json", "scores.png"],
+            "tables": [{"file": "examples.json", "artifact_file": "evaluate/examples.json"}],
+            "summary": summary,
+        }
+
+    return write_artifact("evaluate", write)
+
+
+def plot_scores(columns: dict[str, list[Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("bleu", "BLEU"), ("rougeL", "ROUGE-L F1"), ("judge_score", "judge score (1-10)")]
+    panels = [p for p in panels if any(v is not None for v in columns.get(p[0], []))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        for suffix, label in (("", "fine-tuned"), ("_base", "base")):
+            values = [v for v in columns.get(key + suffix, []) if v is not None]
+            if values:
+                ax.hist(values, bins=20, alpha=0.6, label=label)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+evaluate_task = stage_task("evaluate", code_deps=[generation, judge, judge_prompts, templates])(
+    evaluate
+)

@@ -1,0 +1,433 @@
+"""LLM-as-judge: single-answer grading (1-10 vs the reference) and pairwise comparison.
+
+Backends: `openai` (any OpenAI-compatible /v1/chat/completions endpoint; the API key is read
+from the environment variable NAMED by `judge.api_key_env` and lives only in the request
+header), `hf` (a local causal LM scored from next-token probabilities, so it cannot fail to
+parse) and `none`. Pairwise verdicts are taken in both orders; orders that disagree are a tie.
+An unparsable `openai` reply is retried once, then counted in `judge_failed`, never dropped.
+Replies are cached under `<workspace>/judge_cache/` by (prompt hash, judge model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from instructflow import judge_prompts as P
+from instructflow import workspace
+from instructflow.config import JudgeConfig
+
+log = logging.getLogger("instructflow.judge")
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class JudgeError(RuntimeError):
+    """A judge that cannot run at all (bad config, missing key); one-line message."""
+
+
+@dataclass
+class Item:
+    instruction: str
+    input: str
+    reference: str
+
+
+@dataclass
+class Verdict:
+    value: Any = None  # a score (float) or a winner ("A" / "B" / "tie"); None when failed
+    rationale: str = ""
+    failed: bool = False
+
+
+@dataclass
+class JudgeResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def public_url(url: str | None) -> str | None:
+    """The endpoint without credentials or query string (safe to log)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def judge_params(cfg: JudgeConfig) -> dict[str, Any]:
+    """What identifies the judge, for MLflow params and report.json; never the key itself."""
+    model = cfg.model if cfg.backend == "openai" else cfg.hf_model
+    out: dict[str, Any] = {
+        "judge_backend": cfg.backend,
+        "judge_mode": cfg.mode,
+        "judge_model": model if cfg.backend != "none" else None,
+        "judge_prompt_version": P.PROMPT_VERSION,
+        "judge_prompt_hash": P.prompt_hash(),
+    }
+    if cfg.backend == "openai":
+        out["judge_base_url"] = public_url(cfg.base_url)
+        out["judge_api_key_env"] = cfg.api_key_env
+    return out
+
+
+# -- parsing ----------------------------------------------------------------------------------
+def _json_object(reply: str) -> dict[str, Any] | None:
+    text = reply.strip()
+    if text.startswith("```"):
+        # Models often fence JSON; the fence is markup, not content.
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def parse_single(reply: str) -> Verdict | None:
+    obj = _json_object(reply)
+    score = obj.get("score") if obj else None
+    if isinstance(score, bool) or not isinstance(score, int | float) or not 1 <= score <= 10:
+        return None
+    if isinstance(score, float) and not score.is_integer():
+        return None
+    return Verdict(float(score), str(obj.get("rationale", "")))
+
+
+def parse_pairwise(reply: str) -> Verdict | None:
+    obj = _json_object(reply)
+    winner = obj.get("winner") if obj else None
+    if not isinstance(winner, str) or winner.strip().lower() not in ("a", "b", "tie"):
+        return None
+    w = winner.strip().lower()
+    return Verdict("tie" if w == "tie" else w.upper(), str(obj.get("rationale", "")))
+
+
+# -- cache ------------------------------------------------------------------------------------
+class ReplyCache:
+    def __init__(self, model_id: str):
+        self.root = workspace.home() / "judge_cache"
+        self.model_id = model_id
+
+    def key(self, messages: list[dict[str, str]], seed: int) -> str:
+        blob = json.dumps({"model": self.model_id, "messages": messages, "seed": seed})
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        path = self.root / key[:2] / f"{key}.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["reply"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put(self, key: str, reply: str) -> None:
+        path = self.root / key[:2] / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps({"model": self.model_id, "reply": reply}), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+# -- backends ---------------------------------------------------------------------------------
+class OpenAIBackend:
+    def __init__(self, cfg: JudgeConfig):
+        import httpx
+
+        if not cfg.base_url or not cfg.model:
+            raise JudgeError("judge.backend=openai needs judge.base_url and judge.model")
+        headers = {}
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key:
+                raise JudgeError(
+                    f"judge.api_key_env: environment variable {cfg.api_key_env} is unset"
+                )
+            headers["Authorization"] = f"Bearer {key}"
+        self.cfg = cfg
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.client = httpx.Client(timeout=httpx.Timeout(cfg.timeout_s), headers=headers)
+        self.cache = ReplyCache(cfg.model)
+        self.unreachable: str | None = None
+        self.requests = 0  # HTTP requests actually sent (cache misses)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def chat(self, messages: list[dict[str, str]]) -> str:
+        key = self.cache.key(messages, self.cfg.seed)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        reply = self._post(messages)
+        self.cache.put(key, reply)
+        return reply
+
+    def _post(self, messages: list[dict[str, str]]) -> str:
+        import httpx
+
+        body = {
+            "model": self.cfg.model,
+            "messages": messages,
+            "temperature": 0,
+            "seed": self.cfg.seed,
+            "max_tokens": 256,
+        }
+        where = public_url(self.url)
+        error = "no attempt"
+        for attempt in range(self.cfg.max_retries + 1):
+            if self.unreachable:
+                raise JudgeError(self.unreachable)
+            if attempt:
+                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0) * (1 + random.random() / 4))
+            try:
+                with self._lock:
+                    self.requests += 1
+                resp = self.client.post(self.url, json=body)
+            except httpx.ConnectError:
+                error = f"judge endpoint {where} is unreachable (connection refused or no route)"
+                continue
+            except httpx.TimeoutException:
+                error = f"judge endpoint {where} timed out after {self.cfg.timeout_s:g}s"
+                continue
+            except httpx.HTTPError as exc:
+                error = f"judge endpoint {where}: {type(exc).__name__}"
+                continue
+            if resp.status_code in _RETRY_STATUS:
+                error = f"judge endpoint {where}: HTTP {resp.status_code}"
+                continue
+            if resp.status_code >= 400:
+                raise JudgeError(f"judge endpoint {where}: HTTP {resp.status_code}")
+            try:
+                return resp.json()["choices"][0]["message"]["content"] or ""
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise JudgeError(f"judge endpoint {where}: not a chat-completions reply") from None
+        if "unreachable" in error:
+            # Stop every other request at once instead of retrying each against a dead host.
+            self.unreachable = error
+        raise JudgeError(error)
+
+    def _ask(self, prompt: str, parse: Callable[[str], Verdict | None]) -> Verdict:
+        messages = [{"role": "system", "content": P.SYSTEM}, {"role": "user", "content": prompt}]
+        try:
+            reply = self.chat(messages)
+            verdict = parse(reply)
+            if verdict is None:
+                retry = [*messages, {"role": "assistant", "content": reply}]
+                retry.append({"role": "user", "content": P.RETRY})
+                reply = self.chat(retry)
+                verdict = parse(reply)
+        except JudgeError as exc:
+            return Verdict(failed=True, rationale=str(exc))
+        if verdict is None:
+            return Verdict(failed=True, rationale=f"unparsable judge reply: {reply[:120]!r}")
+        return verdict
+
+    def _map(self, prompts: list[str], parse) -> list[Verdict]:
+        with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
+            return list(pool.map(lambda p: self._ask(p, parse), prompts))
+
+    def single(self, items: Sequence[Item], responses: Sequence[str]) -> list[Verdict]:
+        prompts = [
+            P.single(it.instruction, it.input, it.reference, r)
+            for it, r in zip(items, responses, strict=True)
+        ]
+        return self._map(prompts, parse_single)
+
+    def pairwise(self, items: Sequence[Item], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
+        prompts = [
+            P.pairwise(it.instruction, it.input, it.reference, x, y)
+            for it, x, y in zip(items, a, b, strict=True)
+        ]
+        return self._map(prompts, parse_pairwise)
+
+
+class HFBackend:
+    """A local causal LM; verdicts come from next-token probabilities after the JSON cue."""
+
+    def __init__(self, cfg: JudgeConfig):
+        from instructflow.generation import load_model
+
+        self.cfg = cfg
+        self.model, self.tok, _ = load_model(cfg.hf_model)
+        self.ratings = self._single_token_choices([str(r) for r in range(1, 11)])
+        self.sides = self._single_token_choices(["A", "B"])
+        if len(self.ratings) < 2 or len(self.sides) < 2:
+            raise JudgeError(f"judge.hf_model={cfg.hf_model}: rating tokens are not single tokens")
+
+    def close(self) -> None:
+        pass
+
+    def _single_token_choices(self, labels: list[str]) -> dict[str, list[int]]:
+        """label -> token ids that spell it alone (with / without a leading space)."""
+        out: dict[str, list[int]] = {}
+        seen: set[int] = set()
+        for label in labels:
+            ids = []
+            for variant in (label, " " + label):
+                enc = self.tok.encode(variant, add_special_tokens=False)
+                if len(enc) == 1 and enc[0] not in seen:
+                    ids.append(enc[0])
+                    seen.add(enc[0])
+            if ids:
+                out[label] = ids
+        return out
+
+    def _prompt(self, user: str, cue: str) -> str:
+        msgs = [{"role": "system", "content": P.SYSTEM}, {"role": "user", "content": user}]
+        if getattr(self.tok, "chat_template", None):
+            head = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:
+            head = f"{P.SYSTEM}\n\n{user}\n\n"
+        return head + cue
+
+    def _probs(self, prompts: list[str], choices: dict[str, list[int]]):
+        from instructflow.generation import next_token_logprobs
+
+        flat = [i for ids in choices.values() for i in ids]
+        lp = next_token_logprobs(self.model, self.tok, prompts, flat, batch_size=8).exp()
+        cols, out = 0, []
+        for ids in choices.values():
+            out.append(lp[:, cols : cols + len(ids)].sum(1))
+            cols += len(ids)
+        import torch
+
+        probs = torch.stack(out, 1)
+        return probs / probs.sum(1, keepdim=True)
+
+    def single(self, items: Sequence[Item], responses: Sequence[str]) -> list[Verdict]:
+        prompts = [
+            self._prompt(P.single(it.instruction, it.input, it.reference, r), P.SINGLE_SCORE_CUE)
+            for it, r in zip(items, responses, strict=True)
+        ]
+        values = [float(v) for v in self.ratings]
+        out = []
+        for row in self._probs(prompts, self.ratings).tolist():
+            score = sum(p * v for p, v in zip(row, values, strict=True))
+            top = max(range(len(row)), key=row.__getitem__)
+            why = f"expected rating (next-token probs); mode {values[top]:g} p={row[top]:.2f}"
+            out.append(Verdict(score, why))
+        return out
+
+    def pairwise(self, items: Sequence[Item], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
+        prompts = [
+            self._prompt(
+                P.pairwise(it.instruction, it.input, it.reference, x, y), P.PAIRWISE_SCORE_CUE
+            )
+            for it, x, y in zip(items, a, b, strict=True)
+        ]
+        out = []
+        for pa, pb in self._probs(prompts, self.sides).tolist():
+            winner = "A" if pa > pb else "B" if pb > pa else "tie"
+            out.append(Verdict(winner, f"p(A)={pa:.3f} p(B)={pb:.3f}"))
+        return out
+
+
+def make_backend(cfg: JudgeConfig):
+    if cfg.backend == "openai":
+        return OpenAIBackend(cfg)
+    if cfg.backend == "hf":
+        return HFBackend(cfg)
+    return None
+
+
+# -- aggregation ------------------------------------------------------------------------------
+def bootstrap_ci(values: Sequence[float], samples: int, seed: int) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the mean (numpy; scipy's BCa breaks on ties)."""
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, arr.size, size=(samples, arr.size))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def combine_orders(first: Verdict, second: Verdict) -> str:
+    """Candidate's outcome from (candidate as A, baseline as B) and the swapped order."""
+    if first.failed or second.failed:
+        return "failed"
+    if first.value == "A" and second.value == "B":
+        return "win"
+    if first.value == "B" and second.value == "A":
+        return "loss"
+    return "tie"  # an explicit tie, or the two orders disagree
+
+
+def _mean(verdicts: list[Verdict]) -> float | None:
+    ok = [v.value for v in verdicts if not v.failed]
+    return sum(ok) / len(ok) if ok else None
+
+
+def run_judge(
+    cfg: JudgeConfig,
+    items: Sequence[Item],
+    candidate: Sequence[str],
+    baseline: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> JudgeResult:
+    """Judge `candidate` outputs (and `baseline` ones: the base model or the champion)."""
+    result = JudgeResult()
+    backend = make_backend(cfg)
+    if backend is None:
+        return result
+    n = min(len(items), cfg.max_examples or len(items))
+    items, candidate = list(items[:n]), list(candidate[:n])
+    baseline = list(baseline[:n]) if baseline is not None else None
+    failed = 0
+    try:
+        if cfg.mode in ("single", "both"):
+            if progress:
+                progress("judge: grading answers")
+            ft = backend.single(items, candidate)
+            result.columns["judge_score"] = [v.value for v in ft]
+            result.columns["judge_rationale"] = [v.rationale for v in ft]
+            failed += sum(v.failed for v in ft)
+            result.failures += [v.rationale for v in ft if v.failed]
+            if (m := _mean(ft)) is not None:
+                result.metrics["judge_score"] = m
+            if baseline is not None:
+                base = backend.single(items, baseline)
+                result.columns["judge_score_base"] = [v.value for v in base]
+                failed += sum(v.failed for v in base)
+                result.failures += [v.rationale for v in base if v.failed]
+                if (m := _mean(base)) is not None:
+                    result.metrics["judge_score_base"] = m
+        if cfg.mode in ("pairwise", "both") and baseline is not None:
+            if progress:
+                progress("judge: pairwise, both orders")
+            first = backend.pairwise(items, candidate, baseline)
+            second = backend.pairwise(items, baseline, candidate)
+            outcomes = [combine_orders(x, y) for x, y in zip(first, second, strict=True)]
+            result.columns["pairwise"] = outcomes
+            failed += outcomes.count("failed")
+            result.failures += [v.rationale for v in first + second if v.failed]
+            points = [{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "failed"]
+            result.metrics.update(
+                wins=outcomes.count("win"),
+                ties=outcomes.count("tie"),
+                losses=outcomes.count("loss"),
+            )
+            if points:
+                low, high = bootstrap_ci(points, cfg.bootstrap_samples, cfg.seed)
+                result.metrics.update(
+                    win_rate=sum(points) / len(points), win_rate_low=low, win_rate_high=high
+                )
+    finally:
+        backend.close()
+    result.metrics["judge_failed"] = failed
+    if result.failures:
+        log.warning("judge: %d verdict(s) failed; first: %s", failed, result.failures[0])
+    return result

@@ -1,0 +1,81 @@
+"""Small real inputs for the evaluate / judge / serve tests: the builtin tokenizer and base
+model, a train artifact holding a fresh (non-zero) LoRA adapter, and a split with test rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from instructflow import demo_data
+from instructflow.artifacts import ArtifactRef, write_artifact
+from instructflow.config import ModelConfig
+from tasks.base_model import load_base_model, prepare_base_model, prepare_tokenizer
+
+
+def canonical_rows(n: int, seed: int = 7) -> list[dict]:
+    rows = []
+    for i, r in enumerate(demo_data.generate(n, seed=seed)):
+        user = f"{r['instruction']}\n\n{r['input']}".strip()
+        rows.append(
+            {
+                "id": f"demo.jsonl:{i}",
+                "file": "demo.jsonl",
+                "row": i,
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": r["output"]},
+                ],
+                "instruction": r["instruction"],
+                "input": r["input"],
+                "output": r["output"],
+                "group": str(i),
+                "augmented_from": None,
+                "meta": {},
+            }
+        )
+    return rows
+
+
+def make_splits(rows: list[dict]) -> ArtifactRef:
+    def write(tmp: Path):
+        for name in ("train", "validation"):
+            (tmp / f"{name}.jsonl").write_text("")
+        (tmp / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return {}
+
+    return write_artifact("split", write)
+
+
+def make_base() -> tuple[ArtifactRef, ArtifactRef]:
+    tok = prepare_tokenizer(ModelConfig())
+    return tok, prepare_base_model(ModelConfig(), tok)
+
+
+def make_train(base: ArtifactRef, tok: ArtifactRef, template: str = "alpaca") -> ArtifactRef:
+    """A train artifact with a LoRA adapter whose B matrices are random (so it differs)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_base_model(base)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+
+    def write(tmp: Path):
+        peft.save_pretrained(str(tmp / "adapter"))
+        shutil.copytree(tok.path, tmp / "tokenizer", ignore=shutil.ignore_patterns("MANIFEST.json"))
+        info = {
+            "method": "lora",
+            "base_model": json.loads(base.file("model.json").read_text()),
+            "template": template,
+            "metrics": {},
+        }
+        (tmp / "train.json").write_text(json.dumps(info))
+        return {}
+
+    return write_artifact("train", write)
