@@ -115,8 +115,16 @@ def fetch_url(cfg: DataConfig, dest: Path) -> Path:
             ctype = resp.headers.get("content-type", "")
             if "text/html" in ctype:
                 raise DownloadError(f"{cfg.source}: server returned HTML, not data ({ctype})")
+            length = resp.headers.get("content-length", "")
+            if length.isdigit() and int(length) > cfg.max_bytes:
+                raise DownloadError(
+                    f"{cfg.source}: {length} bytes is larger than data.max_bytes={cfg.max_bytes}"
+                )
             with open(target, "wb") as fh:
                 for chunk in resp.iter_bytes():
+                    if size == 0 and _looks_like_html(chunk):
+                        # Error pages and login walls are often served as text/plain or JSON.
+                        raise DownloadError(f"{cfg.source}: server returned an HTML page, not data")
                     size += len(chunk)
                     if size > cfg.max_bytes:
                         raise DownloadError(
@@ -131,11 +139,24 @@ def fetch_url(cfg: DataConfig, dest: Path) -> Path:
     return target
 
 
+def _looks_like_html(chunk: bytes) -> bool:
+    head = chunk[:512].lstrip().lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body"))
+
+
 def fetch_hub(cfg: DataConfig, dest: Path) -> Path:
+    # Asking for the revision first fails in under a second for a bad id or no network;
+    # load_dataset alone retries for ~25 s first. It also pins what gets loaded.
+    revision = _hub_revision(cfg)
     try:
         import datasets
 
-        ds = datasets.load_dataset(cfg.source, cfg.hub_config, split=cfg.hub_split)
+        ds = datasets.load_dataset(
+            cfg.source,
+            cfg.hub_config,
+            split=cfg.hub_split,
+            revision=None if revision == "unknown" else revision,
+        )
     except Exception as exc:
         raise DownloadError(
             f"{cfg.source}: could not load from the Hugging Face hub "
