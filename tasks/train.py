@@ -178,7 +178,7 @@ def _load_model(base: ArtifactRef, cfg: TrainConfig, precision: str, local_rank:
     return model
 
 
-def _wrap_peft(model, cfg: TrainConfig, base_name: str):
+def _wrap_peft(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
@@ -195,10 +195,7 @@ def _wrap_peft(model, cfg: TrainConfig, base_name: str):
         use_dora=cfg.use_dora,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
-    # Saved into adapter_config.json: the base's real name, not a workspace path.
-    model.peft_config["default"].base_model_name_or_path = base_name
-    return model
+    return get_peft_model(model, lora)
 
 
 def _training_args(cfg: TrainConfig, precision: str, work: Path, has_eval: bool, padded: bool):
@@ -282,7 +279,7 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     atol = 1e-4 if precision == "fp32" else 5e-2
     packed = cfg.packing and packing.packs_correctly(model, len(tok), atol=atol)
     if cfg.method != "full":
-        model = _wrap_peft(model, cfg, info["name_or_path"])
+        model = _wrap_peft(model, cfg)
     stats = packing.BatchStats()
     collator = packing.PackingCollator(stats) if packed else packing.PaddingCollator(tok, stats)
     args = _training_args(cfg, precision, work, eval_ds is not None, padded=not packed)
@@ -318,7 +315,9 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
         unwrapped.config.use_cache = True
         unwrapped.save_pretrained(str(out / "model"), safe_serialization=True)
     else:
-        # Embeddings are never resized here, so PEFT need not look up the base's config.
+        # adapter_config.json names the base (hub id / builtin:tiny), not a workspace path;
+        # embeddings are never resized, so PEFT need not look that name up.
+        unwrapped.peft_config["default"].base_model_name_or_path = info["name_or_path"]
         unwrapped.save_pretrained(
             str(out / "adapter"), safe_serialization=True, save_embedding_layers=False
         )

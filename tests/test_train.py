@@ -1,0 +1,213 @@
+"""train stage: packing without contamination, seeded LoRA / QLoRA runs, outputs, MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from instructflow import demo_data
+from instructflow.artifacts import sha256_file
+from instructflow.config import ModelConfig, TrainConfig
+from instructflow.training.fixtures import write_tokenized
+from instructflow.training.packing import (
+    IGNORE,
+    PackingCollator,
+    PaddingCollator,
+    packs_correctly,
+)
+from tasks.base_model import load_tokenizer, prepare_base_model, prepare_tokenizer
+from tasks.train import TrainError, last_complete_checkpoint, load_finetuned, train
+
+VOCAB = 96
+
+
+def _tiny(family: str):
+    """Very small models of three families, built from their configs (no hub)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, **common))
+    arch = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **common,
+    )
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**arch))
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**arch))
+
+
+def _examples(n: int = 4) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        length = 9 + 5 * i
+        ids = torch.randint(2, VOCAB, (length,), generator=gen).tolist()
+        prompt = 3 + i  # prompt tokens carry no loss
+        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_packed_loss_equals_token_weighted_loss_of_examples_alone(family):
+    model = _tiny(family).eval()
+    model.config.use_cache = False
+    examples = _examples()
+    assert packs_correctly(model, VOCAB)
+    collator = PackingCollator()
+    batch = collator(examples)
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    with torch.no_grad():
+        packed = model(**batch).loss.item()
+        total, weight = 0.0, 0
+        for ex in examples:
+            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+            n = int((labels[:, 1:] != IGNORE).sum())
+            total += model(input_ids=ids, labels=labels).loss.item() * n
+            weight += n
+        # Control: the same row without restarting positions lets examples see each other.
+        leaky = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
+    assert packed == pytest.approx(total / weight, abs=1e-5)
+    assert abs(leaky - packed) > 1e-3
+    stats = collator.stats.drain()
+    assert stats["positions"] == stats["tokens"] == sum(len(e["input_ids"]) for e in examples)
+    assert stats["useful"] == weight
+
+
+def test_padding_fallback_matches_and_counts_padding(home):
+    tok = load_tokenizer(prepare_tokenizer(ModelConfig()))
+    model = _tiny("llama").eval()
+    model.config.use_cache = False  # with a KV cache the packed mask is not used (leaks)
+    examples = _examples(3)
+    collator = PaddingCollator(tok)
+    batch = collator(examples)
+    stats = collator.stats.drain()
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert stats["positions"] == 3 * max(lengths) and stats["tokens"] == sum(lengths)
+    with torch.no_grad():
+        padded = model(**batch).loss.item()
+        packed = model(**PackingCollator()(examples)).loss.item()
+    assert padded == pytest.approx(packed, abs=1e-5)
+
+
+def test_last_complete_checkpoint_skips_half_written(tmp_path):
+    for step, state in [(2, {"global_step": 2}), (4, {"global_step": 4}), (6, None)]:
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if state:
+            (d / "trainer_state.json").write_text(json.dumps(state))
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_st')  # cut by a kill
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-4"
+    assert last_complete_checkpoint(tmp_path / "nothing") is None
+
+
+@pytest.fixture
+def inputs(home):
+    tok_ref = prepare_tokenizer(ModelConfig())
+    base = prepare_base_model(ModelConfig(), tok_ref)
+    tok = load_tokenizer(tok_ref)
+    rows = demo_data.generate(60, seed=3)
+    tokenized = write_tokenized({"train": rows[:48], "validation": rows[48:]}, tok, max_length=64)
+    return tokenized, base, tok_ref
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(
+        method="lora",
+        max_steps=4,
+        per_device_batch_size=2,
+        logging_steps=1,
+        save_steps=2,
+        eval_steps=2,
+        lora_r=4,
+        lora_alpha=8,
+        max_eval_examples=4,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lora_run_is_seeded_and_writes_the_contract(inputs):
+    tokenized, base, tok_ref = inputs
+    first = train(tokenized, base, tok_ref, _cfg())
+    second = train(tokenized, base, tok_ref, _cfg())  # checkpoints were removed: a fresh run
+    curve = [v for _, v in first.meta["step_metrics"]["loss"]]
+    assert len(curve) == 4
+    assert [v for _, v in second.meta["step_metrics"]["loss"]] == pytest.approx(curve, rel=1e-6)
+    assert second.meta["metrics"]["resumed_from_step"] == 0
+    assert first.digest != train(tokenized, base, tok_ref, _cfg(seed=7)).digest
+
+    info = json.loads(first.file("train.json").read_text())
+    assert info["method"] == "lora" and info["base_model"]["name_or_path"] == "builtin:tiny"
+    assert info["template"] == "alpaca" and info["packing"] == "flattened"
+    assert info["precision"] == "fp32"
+    steps = first.meta["step_metrics"]
+    assert all(v == 0.0 for _, v in steps["padding_fraction"])
+    assert all(v > 0 for _, v in steps["useful_tokens_per_s"])
+    assert {"learning_rate", "grad_norm", "eval_loss"} <= set(steps)
+    assert first.meta["metrics"]["best_eval_loss"] == min(v for _, v in steps["eval_loss"])
+    adapter_cfg = json.loads(first.file("adapter/adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "builtin:tiny"
+    assert first.file("adapter/adapter_model.safetensors").is_file()
+    assert first.file("loss_curve.png").stat().st_size > 1000
+    for f in tok_ref.dir.iterdir():  # the tokenizer artifact, byte for byte
+        if f.name != "MANIFEST.json":
+            assert sha256_file(first.file(f"tokenizer/{f.name}")) == sha256_file(f)
+
+    model, tok = load_finetuned(first, base)
+    prompt = tok("### Instruction:\nWhat is 2 plus 2?\n\n### Response:\n", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > prompt.input_ids.shape[1]
+
+
+def test_qlora_run_and_merged_model_agree(inputs):
+    from transformers import AutoModelForCausalLM
+
+    tokenized, base, tok_ref = inputs
+    ref = train(tokenized, base, tok_ref, _cfg(method="qlora", max_steps=2, merge=True))
+    assert ref.meta["metrics"]["steps"] == 2
+    peft_model, tok = load_finetuned(ref, base)
+    merged = AutoModelForCausalLM.from_pretrained(str(ref.file("merged")))
+    ids = tok("Sort the numbers: 3, 1", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert ref.file("merged/tokenizer.json").is_file()
+
+
+def test_bad_inputs_fail_in_one_line(inputs, tmp_path):
+    tokenized, base, tok_ref = inputs
+    with pytest.raises(TrainError, match=r"save_steps \(3\) must be a multiple"):
+        train(tokenized, base, tok_ref, _cfg(early_stopping_patience=1, save_steps=3))
+    rows = demo_data.generate(4, seed=0)
+    no_train = write_tokenized({"validation": rows}, load_tokenizer(tok_ref))
+    with pytest.raises(TrainError, match="train/ split is missing or empty"):
+        train(no_train, base, tok_ref, _cfg())
+
+
+def test_stage_figures_reach_mlflow_without_checkpoints(inputs):
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+    from instructflow import tracking
+
+    tokenized, base, tok_ref = inputs
+    ref = train(tokenized, base, tok_ref, _cfg(max_steps=2, keep_checkpoints=True))
+    work = ref.dir.parents[2] / "work"  # <home>/work/train/<key>/checkpoints/checkpoint-2
+    assert [p.name for p in work.rglob("checkpoint-*")] == ["checkpoint-2"]
+    with mlflow.start_run() as run:
+        tracking.log_stage(run.info.run_id, ref)
+    client = MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "train.loss")
+    assert [m.step for m in history] == [1, 2]
+    assert client.get_run(run.info.run_id).data.metrics["train.best_eval_loss"] > 0
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "train")}
+    expected = {"adapter", "tokenizer", "train.json", "loss_curve.png"}
+    assert {f"train/{name}" for name in expected} <= logged
+    assert not any("checkpoint" in p for p in logged)
