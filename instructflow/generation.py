@@ -132,8 +132,11 @@ def generate(
     add_special_tokens: bool = True,
     max_prompt_tokens: int | None = None,
     progress: Progress | None = None,
-) -> list[str]:
-    """Completions of `prompts` (prompt stripped, cut at the first stop string), input order."""
+    details: bool = False,
+) -> list[str] | list[dict[str, Any]]:
+    """Completions of `prompts` (prompt stripped, cut at the first stop string), input order.
+
+    `details=True` gives {text, prompt_tokens, completion_tokens, finish_reason} per prompt."""
     if not prompts:
         return []
     encoded = _encode(tokenizer, prompts, add_special_tokens)
@@ -156,7 +159,9 @@ def generate(
     was_training = model.training
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    texts: list[str] = [""] * len(encoded)
+    texts: list[Any] = [""] * len(encoded)
+    ends = [*stops, *stop_tokens, tokenizer.eos_token or ""]
+    stop_set = set(stop_ids.tolist())
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -172,8 +177,16 @@ def generate(
                 tail_hit=tail_hit,
             )
             decoded = tokenizer.batch_decode(outs, skip_special_tokens=False)
-            for i, text in zip(idx, decoded, strict=True):
-                texts[i] = cut_at_stop(text, [*stops, *stop_tokens, tokenizer.eos_token or ""])
+            for i, ids, text in zip(idx, outs, decoded, strict=True):
+                texts[i] = cut_at_stop(text, ends)
+                if details:
+                    stopped = ids[-1] in stop_set or any(e and e in text for e in ends)
+                    texts[i] = {
+                        "text": texts[i],
+                        "prompt_tokens": len(encoded[i]),
+                        "completion_tokens": len(ids),
+                        "finish_reason": "stop" if stopped else "length",
+                    }
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
     finally:
