@@ -144,3 +144,46 @@ def test_server_on_postgresql(home, data, tmp_path):
     with psycopg.connect(uri) as conn, conn.cursor() as cur:
         cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,))
         assert cur.fetchone() == ("FINISHED",)
+
+
+def test_compare_and_ui_on_two_real_runs(home, tmp_path, capsys):
+    from instructflow.cli import main
+    from instructflow.pipeline import run_finetune
+
+    a = run_finetune(None, ["data.demo_rows=30"], until="validate")["mlflow_run_id"]
+    b = run_finetune(None, ["data.demo_rows=40"], until="validate")["mlflow_run_id"]
+    capsys.readouterr()
+    assert main(["compare", a, b]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "data.demo_rows" in ln)
+    assert "30" in line and "40" in line
+    rows = next(ln for ln in out.splitlines() if "validate.rows_in" in ln)
+    assert "30" in rows and "40" in rows and "+10" in rows and "+33.3%" in rows
+    assert "split.seed" not in out  # equal params are not listed
+    assert main(["compare", a, "no-such-run"]) == 1
+    assert "not found" in capsys.readouterr().err
+
+    port = free_port()
+    log = tmp_path / "ui.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("instructflow")), "ui", "--port", str(port)],
+        env={**os.environ, "INSTRUCTFLOW_HOME": str(home), "PREFECT_API_URL": "http://x:1/api"},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    got = None
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and (got is None or got.status_code != 200):
+            time.sleep(0.5)
+            try:
+                got = httpx.get(f"{url}/api/2.0/mlflow/runs/get", params={"run_id": a}, timeout=2)
+            except httpx.HTTPError:
+                pass
+        assert got is not None, log.read_text()[-2000:]
+        assert got.json()["run"]["info"]["run_id"] == a
+    finally:
+        stop(proc)
+    assert "Prefect UI: http://x:1" in log.read_text()

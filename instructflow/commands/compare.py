@@ -1,0 +1,81 @@
+"""`instructflow compare RUN_A RUN_B`: config and metric differences of two MLflow runs."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+MISSING = "-"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="config and metric differences of two runs")
+    p.add_argument("run_a", help="MLflow run id (the baseline)")
+    p.add_argument("run_b", help="MLflow run id")
+    p.add_argument("--all", action="store_true", help="also list equal params and metrics")
+    p.add_argument("--tracking-uri", help="MLflow store (default: the workspace's)")
+    p.set_defaults(func=run)
+
+
+def param_rows(a: dict, b: dict, show_all: bool = False) -> list[tuple[str, str, str]]:
+    keys = sorted(set(a) | set(b))
+    return [
+        (k, a.get(k, MISSING), b.get(k, MISSING)) for k in keys if show_all or a.get(k) != b.get(k)
+    ]
+
+
+def metric_rows(a: dict, b: dict, show_all: bool = False) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        # System metrics (CPU, memory) are the machine's, not the run's: only with --all.
+        if not show_all and (va == vb or k.startswith("system/")):
+            continue
+        delta = ""
+        if va is not None and vb is not None:
+            delta = f"{vb - va:+.4g}"
+            if va != 0 and math.isfinite(va) and math.isfinite(vb):
+                delta += f" ({(vb - va) / abs(va):+.1%})"
+        rows.append((k, _fmt(va), _fmt(vb), delta))
+    return rows
+
+
+def _fmt(v: float | None) -> str:
+    return MISSING if v is None else f"{v:.6g}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from rich.console import Console
+    from rich.table import Table
+
+    from instructflow import tracking
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(args.tracking_uri))
+    runs = []
+    for run_id in (args.run_a, args.run_b):
+        try:
+            runs.append(client.get_run(run_id))
+        except MlflowException:
+            print(f"error: run {run_id!r} not found in {client.tracking_uri}", file=sys.stderr)
+            return 1
+    a, b = runs
+    console = Console(width=max(Console().width, 120))
+    label_a = f"A {a.info.run_name or ''} {a.info.run_id[:8]}".strip()
+    label_b = f"B {b.info.run_name or ''} {b.info.run_id[:8]}".strip()
+
+    params = Table(title="config (params)")
+    for col in ("key", label_a, label_b):
+        params.add_column(col, overflow="fold")
+    for row in param_rows(a.data.params, b.data.params, args.all):
+        params.add_row(*row)
+    metrics = Table(title="metrics")
+    for col in ("metric", label_a, label_b, "B - A"):
+        metrics.add_column(col, overflow="fold")
+    for row in metric_rows(a.data.metrics, b.data.metrics, args.all):
+        metrics.add_row(*row)
+    console.print(params if params.row_count else "config: identical")
+    console.print(metrics if metrics.row_count else "metrics: identical")
+    return 0
