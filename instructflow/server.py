@@ -61,7 +61,10 @@ class ChatModel:
         row = {"messages": [*msgs, {"role": "assistant", "content": ""}]}
         prompt = templates.generation_prompt(row, self.template, self.tok)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_new = int(_number({"n": limit}, "n", self.max_tokens, 1, self.max_tokens))
+        # Above the server's cap is clamped, not refused: clients often ask for more.
+        max_new = min(
+            int(_number({"max_tokens": limit}, "max_tokens", 1e9, 1, 1e9)), self.max_tokens
+        )
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):

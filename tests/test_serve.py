@@ -1,0 +1,106 @@
+"""`instructflow serve` as a real subprocess on loopback, serving a tiny real fine-tuned model,
+with the judge's openai backend run against it end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from evaluate_fixtures import make_base, make_train
+
+from instructflow import judge
+from instructflow.config import JudgeConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(home):
+    tok_ref, base = make_base()
+    train = make_train(base, tok_ref, template="alpaca")
+    port = _free_port()
+    env = {**os.environ, "INSTRUCTFLOW_HOME": str(home)}
+    cmd = [sys.executable, "-m", "instructflow.cli", "serve", "--model", train.path]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--max-tokens", "24"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"serve did not come up: {proc.stdout.read()[-2000:]}")
+            time.sleep(0.5)
+        yield url, train
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_serve_answers_openai_requests_and_the_judge_runs_against_it(served, home):
+    url, train = served
+    models = httpx.get(f"{url}/v1/models").json()
+    assert models["data"][0]["id"] == train.path
+    body = {"model": "any", "messages": [{"role": "user", "content": "Reverse the word: cat"}]}
+    first = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    again = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    choice = first["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == again["choices"][0]["message"]["content"]  # greedy
+    assert choice["finish_reason"] in ("stop", "length")
+    assert 0 < first["usage"]["completion_tokens"] <= 24
+    bad = httpx.post(f"{url}/v1/chat/completions", json={"messages": []}, timeout=10)
+    assert bad.status_code == 400 and "messages" in bad.json()["error"]["message"]
+
+    # The judge against the real server: a tiny model cannot write JSON verdicts, so every
+    # verdict is retried once and counted as failed; the replies it got are the server's own.
+    cfg = JudgeConfig(
+        backend="openai", base_url=f"{url}/v1", model="tiny", mode="both", max_concurrency=2
+    )
+    items = [judge.Item("Reverse the word: cat", "", "tac"), judge.Item("Add 2 and 3", "", "5")]
+    res = judge.run_judge(cfg, items, ["tac", "5"], ["cat", "6"])
+    n_verdicts = 2 * 2 + 2  # single (fine-tuned, base) + pairwise per item
+    parsed = sum(
+        v is not None for v in res.columns["judge_score"] + res.columns["judge_score_base"]
+    )
+    parsed += sum(o != "failed" for o in res.columns["pairwise"])
+    assert parsed + res.metrics["judge_failed"] == n_verdicts
+    cached = [json.loads(p.read_text()) for p in (home / "judge_cache").rglob("*.json")]
+    assert len(cached) >= 2 * 4  # 4 prompts per item reached the server
+    # A cached reply is exactly what the server answers for the same request (temperature 0).
+    from instructflow import judge_prompts as P
+
+    messages = [
+        {"role": "system", "content": P.SYSTEM},
+        {"role": "user", "content": P.single("Reverse the word: cat", "", "tac", "tac")},
+    ]
+    direct = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 256},
+        timeout=60,
+    ).json()["choices"][0]["message"]["content"]
+    key = judge.ReplyCache("tiny").key(messages, cfg.seed)
+    assert judge.ReplyCache("tiny").get(key) == direct
