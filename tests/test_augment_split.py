@@ -1,0 +1,152 @@
+"""augment and split on canonical rows: seeded rewrites, group-aware split, decontamination."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from instructflow import demo_data
+from instructflow.artifacts import write_artifact
+from instructflow.config import AugmentConfig, SplitConfig
+from tasks.augment import augment, augment_rows, read_jsonl
+from tasks.split import SPLITS, SplitError, read_split, split, split_rows
+
+
+def canonical(n: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for i, r in enumerate(demo_data.generate(n, seed)):
+        user = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+        rows.append(
+            {
+                "id": f"demo.jsonl:{i}",
+                "file": "demo.jsonl",
+                "row": i,
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": r["output"]},
+                ],
+                "instruction": r["instruction"],
+                "input": r["input"],
+                "output": r["output"],
+                "group": f"g{i}",
+                "augmented_from": None,
+                "meta": {"task": r["task"]},
+            }
+        )
+    return rows
+
+
+def test_augment_rewrites_a_seeded_fraction_and_tags_the_source():
+    rows = canonical(200)
+    out = augment_rows(rows, AugmentConfig(fraction=0.25, seed=1))
+    added = out[200:]
+    assert out[:200] == rows and len(added) == 50
+    by_id = {r["id"]: r for r in rows}
+    for aug in added:
+        src = by_id[aug["augmented_from"]]
+        assert aug["id"] != src["id"] and aug["group"] == src["group"]
+        assert aug["instruction"] != src["instruction"]
+        assert aug["messages"][0]["content"].startswith(aug["instruction"])
+        assert aug["messages"][0]["content"].endswith(src["input"])  # the input is kept
+        assert aug["output"] == src["output"] and aug["meta"]["task"] == src["meta"]["task"]
+        assert aug["instruction"].split()[0] in {"Please", "Can", "Could", "I", "Here", "Question:"}
+    assert augment_rows(rows, AugmentConfig(fraction=0.25, seed=1)) == out
+    other = augment_rows(rows, AugmentConfig(fraction=0.25, seed=2))[200:]
+    assert {r["id"] for r in other} != {r["id"] for r in added}
+    assert augment_rows(rows, AugmentConfig(enabled=False)) == rows
+
+
+def test_augment_skips_multi_turn_rows():
+    row = canonical(1)[0]
+    row["messages"] = row["messages"] + row["messages"]
+    assert augment_rows([row], AugmentConfig(fraction=1.0)) == [row]
+
+
+def test_split_keeps_groups_together_and_augmentations_out_of_eval():
+    rows = canonical(300)
+    for r in rows[:60]:  # duplicates share a group with their original
+        rows.append({**r, "id": r["id"] + "-dup"})
+    rows = augment_rows(rows, AugmentConfig(fraction=0.3, seed=0))
+    parts, report = split_rows(rows, SplitConfig(seed=3, decontaminate=False))
+    where = {}
+    for name in SPLITS:
+        for r in parts[name]:
+            assert where.setdefault(r["group"], name) == name, "a group spans two splits"
+    assert all(not r["augmented_from"] for n in ("validation", "test") for r in parts[n])
+    dropped = report["augmented_dropped_from_eval"]
+    assert sum(len(p) for p in parts.values()) + dropped == len(rows)
+    groups = report["groups"]
+    assert groups == 300
+    n_groups = {n: len({r["group"] for r in parts[n]}) for n in SPLITS}
+    assert n_groups == {"train": 255, "validation": 30, "test": 15}
+    again, _ = split_rows(rows, SplitConfig(seed=3, decontaminate=False))
+    assert again == parts
+    other, _ = split_rows(rows, SplitConfig(seed=4, decontaminate=False))
+    assert {r["id"] for r in other["test"]} != {r["id"] for r in parts["test"]}
+
+
+@pytest.mark.parametrize("n", [20, 21, 37])
+def test_test_split_is_never_empty_from_twenty_rows(n):
+    parts, _ = split_rows(canonical(n), SplitConfig())
+    assert parts["test"] and parts["validation"] and parts["train"]
+
+
+def test_split_stratifies_by_a_column():
+    rows = canonical(400, seed=5)
+    cfg = SplitConfig(seed=0, stratify_by="meta.task", decontaminate=False)
+    parts, report = split_rows(rows, cfg)
+    assert report["stratified"] is True
+    overall = Counter(r["meta"]["task"] for r in rows)
+    test = Counter(r["meta"]["task"] for r in parts["test"])
+    for task, count in overall.items():
+        assert abs(test[task] - count * 0.05) <= 1.0, (task, test[task], count)
+
+
+def test_decontamination_drops_train_rows_near_duplicate_to_held_out_rows():
+    rows = canonical(200, seed=9)
+    # A slightly different copy of every row, in its own group (so the split cannot see it).
+    twins = [
+        {**r, "id": r["id"] + "-twin", "group": r["group"] + "-twin",
+         "messages": [{**r["messages"][0], "content": r["messages"][0]["content"] + " !"},
+                      r["messages"][1]]}
+        for r in rows
+    ]  # fmt: skip
+
+    def crossing(parts):
+        """Pairs with one copy in train and the other held out."""
+        held = {r["id"].removesuffix("-twin") for n in ("validation", "test") for r in parts[n]}
+        return {r["id"].removesuffix("-twin") for r in parts["train"]} & held
+
+    loose, _ = split_rows(rows + twins, SplitConfig(seed=1, decontaminate=False))
+    assert crossing(loose), "the fixture must put some pairs across the split"
+    parts, report = split_rows(rows + twins, SplitConfig(seed=1, decontamination_threshold=0.9))
+    assert not crossing(parts)
+    assert report["decontaminated"] == len(loose["train"]) - len(parts["train"]) > 0
+    assert len(report["decontaminated_ids"]) == report["decontaminated"]
+
+
+def test_too_few_rows_fail_in_one_line():
+    with pytest.raises(SplitError, match="too few"):
+        split_rows(canonical(2), SplitConfig())
+
+
+def test_stage_functions_write_artifacts_with_datasets_and_counts(home):
+    rows = canonical(120)
+
+    def write(tmp):
+        with open(tmp / "clean.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+    clean = write_artifact("validate", write)
+    aug = augment(clean, AugmentConfig(fraction=0.1))
+    assert aug.meta["metrics"]["augmented"] == 12
+    assert len(read_jsonl(aug.file("rows.jsonl"))) == 132
+    ref = split(aug, SplitConfig())
+    meta = ref.meta
+    assert [d["context"] for d in meta["datasets"]] == ["train", "validation", "test"]
+    counts = {n: len(read_split(ref, n)) for n in SPLITS}
+    assert {f"rows_{n}": c for n, c in counts.items()}.items() <= meta["metrics"].items()
+    report = json.loads(ref.file("report.json").read_text())
+    assert report["rows"] == counts
