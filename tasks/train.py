@@ -250,6 +250,22 @@ def _training_args(cfg: TrainConfig, precision: str, work: Path, has_eval: bool,
     )
 
 
+def _trainer_class():
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        # Trainer shares one collator between training and evaluation: pause its counters
+        # so tokens/s and the DDP shard record cover training batches only.
+        def evaluate(self, *args, **kwargs):
+            self.data_collator.stats.paused = True
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.data_collator.stats.paused = False
+
+    return CountingTrainer
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -258,7 +274,7 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     """Train per `spec` (paths + config); rank 0 writes the outputs into spec["out"]."""
     import torch
     import transformers
-    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
+    from transformers import EarlyStoppingCallback, PrinterCallback
 
     from tasks.base_model import model_info
 
@@ -287,7 +303,7 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     cbs = [metrics_cb, callbacks.Progress(subprocess_mode)]
     if args.load_best_model_at_end:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = Trainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,

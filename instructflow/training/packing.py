@@ -30,8 +30,11 @@ class BatchStats:
     examples: int = 0
     seen: list[str] = field(default_factory=list)  # example hashes, to check DDP sharding
     record_seen: bool = True
+    paused: bool = False  # during evaluation: eval batches are not training throughput
 
     def add(self, positions: int, tokens: int, useful: int, features: list[dict[str, Any]]):
+        if self.paused:
+            return
         self.positions += positions
         self.tokens += tokens
         self.useful += useful

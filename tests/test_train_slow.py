@@ -1,0 +1,136 @@
+"""train stage end to end in subprocesses: SIGKILL + resume, and 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from instructflow import demo_data, workspace
+from instructflow.config import ModelConfig, TrainConfig
+from instructflow.training.fixtures import write_tokenized
+from tasks.base_model import load_base_model, load_tokenizer, prepare_base_model, prepare_tokenizer
+from tasks.train import ROOT, last_complete_checkpoint, train, work_key
+
+pytestmark = pytest.mark.slow
+
+DRIVER = """
+import json, sys
+from instructflow import workspace
+workspace.configure()
+from instructflow.artifacts import ArtifactRef
+from instructflow.config import TrainConfig
+from tasks.train import train
+spec = json.loads(sys.argv[1])
+refs = [ArtifactRef.model_validate(spec[k]) for k in ("tokenized", "base", "tokenizer")]
+train(*refs, TrainConfig.model_validate(spec["cfg"]))
+"""
+
+
+@pytest.fixture
+def inputs(home):
+    tok_ref = prepare_tokenizer(ModelConfig())
+    base = prepare_base_model(ModelConfig(), tok_ref)
+    rows = demo_data.generate(80, seed=5)
+    tok = load_tokenizer(tok_ref)
+    tokenized = write_tokenized({"train": rows[:72], "validation": rows[72:]}, tok, max_length=64)
+    return tokenized, base, tok_ref
+
+
+def _generates(train_ref, base) -> None:
+    from peft import PeftModel
+
+    tok = load_tokenizer(train_ref.file("tokenizer"))
+    model = PeftModel.from_pretrained(load_base_model(base), str(train_ref.file("adapter")))
+    prompt = tok("### Instruction:\nWhat is 1 plus 5?\n\n### Response:\n", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > prompt.input_ids.shape[1]
+
+
+def test_sigkilled_run_resumes_from_last_complete_checkpoint(inputs):
+    tokenized, base, tok_ref = inputs
+    cfg = TrainConfig(
+        method="lora",
+        max_steps=12,
+        per_device_batch_size=2,
+        save_steps=2,
+        eval_steps=100,
+        logging_steps=1,
+        lora_r=4,
+        save_total_limit=3,
+    )
+    work = workspace.work_dir("train", work_key(tokenized, base, tok_ref, cfg)) / "checkpoints"
+    spec = {
+        "tokenized": tokenized.model_dump(),
+        "base": base.model_dump(),
+        "tokenizer": tok_ref.model_dump(),
+        "cfg": cfg.model_dump(mode="json"),
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, json.dumps(spec)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while last_complete_checkpoint(work) is None:
+            assert proc.poll() is None, "training ended before a checkpoint could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = int(last_complete_checkpoint(work).name.split("-")[1])
+    assert 2 <= killed_at < 12
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {
+        p.name for p in last_complete_checkpoint(work).iterdir()
+    }
+
+    ref = train(tokenized, base, tok_ref, cfg)  # same inputs -> same work dir -> resume
+    metrics = ref.meta["metrics"]
+    assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == 12
+    logged = [s for s, _ in ref.meta["step_metrics"]["loss"]]
+    assert logged == list(range(killed_at + 1, 13))  # no step before the checkpoint redone
+    assert not work.exists()  # scratch removed once the artifact is published
+    _generates(ref, base)
+    # Optimizer, scheduler, RNG and data order were restored: the curve continues exactly
+    # as an uninterrupted run's (resume=False changes the key, so this one starts fresh).
+    whole = train(tokenized, base, tok_ref, cfg.model_copy(update={"resume": False}))
+    assert whole.meta["metrics"]["resumed_from_step"] == 0
+    expected = [v for s, v in whole.meta["step_metrics"]["loss"] if s > killed_at]
+    assert [v for _, v in ref.meta["step_metrics"]["loss"]] == pytest.approx(expected, rel=1e-5)
+
+
+def test_two_process_ddp_trains_rank_shards_and_rank0_writes(inputs):
+    tokenized, base, tok_ref = inputs
+    cfg = TrainConfig(
+        method="lora", nproc=2, max_steps=3, per_device_batch_size=2, eval_steps=2, lora_r=4
+    )
+    ref = train(tokenized, base, tok_ref, cfg)
+    info = json.loads(ref.file("train.json").read_text())
+    assert info["metrics"]["world_size"] == 2 and info["metrics"]["steps"] == 3
+    seen_dir = workspace.work_dir("train", work_key(tokenized, base, tok_ref, cfg)) / "seen"
+    ranks = {r: json.loads((seen_dir / f"rank{r}.json").read_text()) for r in (0, 1)}
+    a, b = (set(ranks[r]["examples"]) for r in (0, 1))
+    # Each rank took its own 2 examples a step (the loader may prefetch one more batch).
+    assert len(a) >= 6 and len(b) >= 6 and not a & b
+    assert ranks[0]["wrote_outputs"] and not ranks[1]["wrote_outputs"]
+    assert sorted(p.name for p in ref.dir.iterdir()) == [
+        "MANIFEST.json",
+        "adapter",
+        "loss_curve.png",
+        "tokenizer",
+        "train.json",
+    ]
+    _generates(ref, base)
