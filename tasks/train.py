@@ -84,7 +84,8 @@ def _meta(info: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     return {
         "metrics": m,
         "step_metrics": info["step_metrics"],
-        "params": {k: info[k] for k in ("method", "packing", "precision")},
+        # Not "train.packing"/"train.precision": those config params hold the requested values.
+        "params": {"packing_mode": info["packing"], "precision_resolved": info["precision"]},
         "log_files": ["train.json", "loss_curve.png"],
         "log_dirs": [out_dir, "tokenizer"] + (["merged"] if cfg.merge else []),
         "summary": f"{cfg.method}, {m['steps']} steps, loss {loss:.3f}, {info['packing']}",
