@@ -200,7 +200,8 @@ def evaluate(
         **judge.judge_params(judge_cfg),
         "pairwise_opponent": opponent_name,
         "template": template,
-        "stop_strings": json.dumps(stops),
+        # Not "stop_strings": the config param evaluate.stop_strings holds the requested ones.
+        "effective_stop_strings": json.dumps(stops),
         "scored_tokens": n_tokens,
     }
     report = {
