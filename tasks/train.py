@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,11 +259,13 @@ def _trainer_class():
         # Trainer shares one collator between training and evaluation: pause its counters
         # so tokens/s and the DDP shard record cover training batches only.
         def evaluate(self, *args, **kwargs):
-            self.data_collator.stats.paused = True
+            stats = self.data_collator.stats
+            stats.paused, t0 = True, time.perf_counter()
             try:
                 return super().evaluate(*args, **kwargs)
             finally:
-                self.data_collator.stats.paused = False
+                stats.paused = False
+                stats.excluded_s += time.perf_counter() - t0
 
     return CountingTrainer
 

@@ -28,6 +28,7 @@ class StepMetrics(TrainerCallback):
         self.stats = stats
         self.world_size = world_size
         self.series: dict[str, list[list[float]]] = {}
+        self._window = {"positions": 0, "tokens": 0, "useful": 0}
         self._t = time.perf_counter()
 
     def _add(self, name: str, step: int, value: float) -> None:
@@ -35,7 +36,13 @@ class StepMetrics(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.stats.drain()
+        self._window = {"positions": 0, "tokens": 0, "useful": 0}
         self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        used = self.stats.pop(args.gradient_accumulation_steps)
+        for k, v in used.items():
+            self._window[k] += v
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = logs or {}
@@ -46,10 +53,11 @@ class StepMetrics(TrainerCallback):
         if "eval_loss" in logs:
             self._add("eval_loss", step, logs["eval_loss"])
         if "loss" in logs:
-            counts = self.stats.drain()
+            counts, self._window = self._window, {"positions": 0, "tokens": 0, "useful": 0}
             now = time.perf_counter()
-            dt = max(now - self._t, 1e-9)
-            self._t = now
+            # Evaluation time inside the window is not training time.
+            dt = max(now - self._t - self.stats.excluded_s, 1e-9)
+            self._t, self.stats.excluded_s = now, 0.0
             # Every rank sees a different shard of the same size: scale rank 0's count.
             useful = counts["useful"] * self.world_size
             self._add("useful_tokens_per_s", step, useful / dt)

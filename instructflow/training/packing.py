@@ -14,6 +14,7 @@ number of examples per step (`train.per_device_batch_size`) is the token budget 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,30 +23,38 @@ IGNORE = -100
 
 @dataclass
 class BatchStats:
-    """Counters the collator fills and the metrics callback drains (same process)."""
+    """Per-batch counts the collator records and the metrics callback consumes (same process).
 
-    positions: int = 0  # every slot of the batch tensors
-    tokens: int = 0  # real (non-pad) tokens
-    useful: int = 0  # tokens that carry a loss
-    examples: int = 0
+    The data loader collates ahead of the step that uses a batch (accelerate prefetches one),
+    so counts queue up and each finished step pops the batches it used: figures per step are
+    exact, not shifted by the prefetch.
+    """
+
+    pending: deque = field(default_factory=deque)  # (positions, tokens, useful) per batch
     seen: list[str] = field(default_factory=list)  # example hashes, to check DDP sharding
     record_seen: bool = True
     paused: bool = False  # during evaluation: eval batches are not training throughput
+    excluded_s: float = 0.0  # evaluation seconds since the last log, kept out of tokens/s
 
     def add(self, positions: int, tokens: int, useful: int, features: list[dict[str, Any]]):
         if self.paused:
             return
-        self.positions += positions
-        self.tokens += tokens
-        self.useful += useful
-        self.examples += len(features)
-        if self.record_seen:
+        self.pending.append((positions, tokens, useful))
+        if self.record_seen and features and "input_ids" in features[0]:
             self.seen += [example_hash(f["input_ids"]) for f in features]
 
-    def drain(self) -> dict[str, int]:
-        out = {"positions": self.positions, "tokens": self.tokens, "useful": self.useful}
-        self.positions = self.tokens = self.useful = 0
+    def pop(self, batches: int = 1) -> dict[str, int]:
+        """Totals of the oldest `batches` collated batches (all queued ones if fewer)."""
+        out = {"positions": 0, "tokens": 0, "useful": 0}
+        for _ in range(min(batches, len(self.pending))):
+            positions, tokens, useful = self.pending.popleft()
+            out["positions"] += positions
+            out["tokens"] += tokens
+            out["useful"] += useful
         return out
+
+    def drain(self) -> dict[str, int]:
+        return self.pop(len(self.pending))
 
 
 def example_hash(input_ids) -> str:
@@ -53,45 +62,46 @@ def example_hash(input_ids) -> str:
     return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
 
-def _plain(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # Only the model's inputs: the dataset's `length` column must not reach forward().
-    return [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+class CountingCollator:
+    """Wraps any causal-LM collator and records slots, real tokens and loss-bearing tokens.
 
+    Loss-bearing = labels[:, 1:] != -100 (the model shifts labels by one). Real tokens come
+    from the attention mask when there is one; padding-free batches have no padding.
+    """
 
-class PackingCollator:
-    """`DataCollatorWithFlattening` plus padding / useful-token accounting."""
-
-    def __init__(self, stats: BatchStats | None = None):
-        from transformers import DataCollatorWithFlattening
-
-        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+    def __init__(self, inner, stats: BatchStats | None = None, plain: bool = True):
+        self.inner = inner
         self.stats = stats if stats is not None else BatchStats()
+        self.plain = plain
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner(_plain(features))
+        # Only the model's inputs: the dataset's `length` column must not reach forward().
+        rows = [{k: f[k] for k in ("input_ids", "labels")} for f in features]
+        batch = self.inner(rows if self.plain else features)
         n = int(batch["input_ids"].numel())
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else n
         useful = int((batch["labels"][:, 1:] != IGNORE).sum())
-        self.stats.add(n, n, useful, features)
+        self.stats.add(n, tokens, useful, features)
         return batch
 
 
-class PaddingCollator:
-    """Dynamic padding to the longest example of the batch (with length-grouped sampling)."""
+def PackingCollator(stats: BatchStats | None = None) -> CountingCollator:  # noqa: N802
+    """Padding-free packing: `DataCollatorWithFlattening`, counted."""
+    from transformers import DataCollatorWithFlattening
 
-    def __init__(self, tokenizer, stats: BatchStats | None = None):
-        from transformers import DataCollatorForSeq2Seq
+    inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+    return CountingCollator(inner, stats)
 
-        self.inner = DataCollatorForSeq2Seq(
-            tokenizer, padding="longest", label_pad_token_id=IGNORE, return_tensors="pt"
-        )
-        self.stats = stats if stats is not None else BatchStats()
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner(_plain(features))
-        mask = batch["attention_mask"]
-        useful = int((batch["labels"][:, 1:] != IGNORE).sum())
-        self.stats.add(int(mask.numel()), int(mask.sum()), useful, features)
-        return batch
+def PaddingCollator(tokenizer, stats: BatchStats | None = None) -> CountingCollator:  # noqa: N802
+    """Fallback: dynamic padding to the batch's longest example (length-grouped sampler)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    inner = DataCollatorForSeq2Seq(
+        tokenizer, padding="longest", label_pad_token_id=IGNORE, return_tensors="pt"
+    )
+    return CountingCollator(inner, stats)
 
 
 def packs_correctly(model, vocab_size: int, atol: float = 1e-4) -> bool:
