@@ -8,6 +8,7 @@ mlflow.log_table), scores.png. Figures go into the manifest meta for tracking.lo
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from collections.abc import Callable
@@ -159,6 +160,10 @@ def evaluate(
             base_model, ctx = load_base_model(base, dtype=torch.float32), nullcontext()
         with ctx:
             metrics["perplexity_base"], _, base_out = run_model(base_model, "base")
+        del base_model
+    # Free the evaluated model(s) before the judge loads its own (the hf backend).
+    del ft_model
+    gc.collect()
 
     auto, per = text_metrics(ft_out, refs)
     metrics.update(auto)

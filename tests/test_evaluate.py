@@ -127,3 +127,33 @@ def test_evaluate_stage_writes_the_contract_with_hf_judge(tiny):
     assert ref.file("scores.png").stat().st_size > 1000
     assert ref.meta["params"]["judge_backend"] == "hf"
     assert ref.meta["tables"][0]["file"] == "examples.json"
+
+
+def test_evaluate_task_runs_under_prefect_and_is_cached_across_flow_runs(tiny):
+    from prefect import flow
+
+    from instructflow import workspace
+    from tasks.evaluate import evaluate_task
+
+    tok_ref, base, _, _ = tiny
+    splits, train = make_splits(canonical_rows(3)), make_train(base, tok_ref)
+
+    @flow
+    def only_evaluate(max_new_tokens: int):
+        state = evaluate_task(
+            splits,
+            train,
+            base,
+            TokenizeConfig(max_length=128),
+            EvaluateConfig(max_new_tokens=max_new_tokens, compare_base=False),
+            JudgeConfig(),
+            return_state=True,
+        )
+        return state.name, state.result()
+
+    run = only_evaluate.with_options(result_storage=workspace.prefect_results_dir())
+    first, second, other = run(4), run(4), run(5)
+    assert (first[0], second[0], other[0]) == ("Completed", "Cached", "Completed")
+    assert first[1].digest == second[1].digest
+    metrics = json.loads(first[1].file("report.json").read_text())["metrics"]
+    assert "perplexity_base" not in metrics and "judge_score" not in metrics  # backend none
