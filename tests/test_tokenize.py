@@ -185,3 +185,16 @@ def test_nothing_left_to_train_fails_in_one_line(home):
 
     with pytest.raises(ValueError, match="no training examples left.*tokenize.max_length=8"):
         tokenize(demo_split(40), prepare_tokenizer(ModelConfig()), TokenizeConfig(max_length=8))
+
+
+def test_threaded_batch_gives_the_same_ids_and_restores_the_setting(tok, monkeypatch):
+    import os
+
+    import tasks.tokenize as tk
+
+    texts = [f"Sort {i}, {i * 7 % 5} and {i * 3}." for i in range(300)]
+    single = tk.encode_batch(tok.backend_tokenizer, texts)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert tk.encode_batch(tok.backend_tokenizer, texts) == single
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
