@@ -150,3 +150,8 @@ def test_stage_functions_write_artifacts_with_datasets_and_counts(home):
     assert {f"rows_{n}": c for n, c in counts.items()}.items() <= meta["metrics"].items()
     report = json.loads(ref.file("report.json").read_text())
     assert report["rows"] == counts
+
+
+def test_a_zero_fraction_gives_an_empty_split():
+    parts, report = split_rows(canonical(50), SplitConfig(train=0.8, validation=0.0, test=0.2))
+    assert parts["validation"] == [] and len({r["group"] for r in parts["test"]}) == 10
