@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         # Prefect echoes task/flow tracebacks to the console; users get our one-line error
         # (the full log still reaches the Prefect API/UI). --debug shows everything.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        import warnings
+
+        warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+        warnings.filterwarnings("ignore", category=FutureWarning)
     workspace.configure(args.home)
     _quiet_library_logs()
     os.environ.setdefault("INSTRUCTFLOW_DEBUG", "1" if args.debug else "0")
