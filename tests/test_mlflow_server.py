@@ -29,7 +29,7 @@ def free_port() -> int:
 def start_server(home: Path, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
         "INSTRUCTFLOW_HOME": str(home),
         "MLFLOW": str(Path(sys.executable).with_name("mlflow")),
         "MLFLOW_WORKERS": "1",
@@ -167,7 +167,11 @@ def test_compare_and_ui_on_two_real_runs(home, tmp_path, capsys):
     log = tmp_path / "ui.log"
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("instructflow")), "ui", "--port", str(port)],
-        env={**os.environ, "INSTRUCTFLOW_HOME": str(home), "PREFECT_API_URL": "http://x:1/api"},
+        env={
+            **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+            "INSTRUCTFLOW_HOME": str(home),
+            "PREFECT_API_URL": "http://x:1/api",
+        },
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

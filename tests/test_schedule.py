@@ -110,8 +110,10 @@ def test_schedule_serves_deployment_and_a_triggered_run_completes(prefect_server
     rows = [{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(40)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "INSTRUCTFLOW_HOME": str(home)}
-    for key in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
-        env.pop(key)  # the workspace decides these for the serving process
+    # The workspace decides these for the serving process (mlflow.set_tracking_uri in earlier
+    # tests exported MLFLOW_TRACKING_URI, which would win over the workspace store).
+    for key in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
     log = tmp_path / "schedule.log"
     cmd = [
         str(BIN / "instructflow"),
