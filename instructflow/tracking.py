@@ -11,7 +11,7 @@ Recognised `meta` keys (all optional):
   log_dirs:     [relpath, ...]                       -> artifacts under "<stage>/<relpath>"
   datasets:     [{file, name, context}]              -> mlflow.log_input, digest = file sha256
   tables:       [{file, artifact_file}]              -> mlflow.log_table (file: JSON {col: [..]})
-  params:       {name: value}                        -> "<stage>.<name>" params
+  params:       {name: value}                        -> "<stage>.out.<name>" params
   tags:         {name: value}                        -> run tags
   summary:      short text for the CLI table
 """
@@ -137,7 +137,9 @@ def log_stage(run_id: str, ref: ArtifactRef) -> dict[str, Any]:
     for i in range(0, len(batch), 1000):
         client.log_batch(run_id, metrics=batch[i : i + 1000])
 
-    params = {f"{stage}.{k}": v for k, v in meta.get("params", {}).items()}
+    # Under "<stage>.out." so a stage's own params can never collide with the config's
+    # "<stage>.<key>" params (MLflow refuses to change a logged param and fails the run).
+    params = {f"{stage}.out.{k}": v for k, v in meta.get("params", {}).items()}
     params[f"{stage}.artifact_digest"] = ref.digest
     log_params(client, run_id, params)
     for k, v in meta.get("tags", {}).items():
