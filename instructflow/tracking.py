@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,10 +179,13 @@ def _log_dataset(ref: ArtifactRef, ds: dict[str, Any]) -> None:
     else:
         frame = pd.DataFrame()
     frame = frame.map(lambda v: json.dumps(v) if isinstance(v, list | dict) else v)
-    dataset = mlflow.data.from_pandas(
-        frame, source=str(path), name=ds.get("name", path.stem), digest=digest
-    )
-    mlflow.log_input(dataset, context=ds.get("context", "train"))
+    with warnings.catch_warnings():
+        # Schema hints about integer columns and "ambiguous" local sources: noise here.
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            frame, source=str(path), name=ds.get("name", path.stem), digest=digest
+        )
+        mlflow.log_input(dataset, context=ds.get("context", "train"))
 
 
 class _active:
