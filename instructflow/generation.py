@@ -1,10 +1,10 @@
 """Batched generation, streamed perplexity and model loading for evaluation and serving.
 
-`generate` sorts prompts by length, left-pads them into batches, runs a KV-cached decode loop
-and drops each row from the batch as soon as it finishes (EOS / end-of-turn / stop string), so
-the compute follows the live rows. Outputs come back in the input order, stripped of the
-prompt and cut at the first stop string. `perplexity` streams batches and keeps only running
-sums, never the logits of the whole set.
+`generate` sorts prompts by length and runs a KV-cached, left-padded decode loop with
+continuous batching: a row leaves the batch as soon as it finishes (EOS / end-of-turn / stop
+string) and the next queued prompts are prefilled into the freed slots. Outputs come back in
+the input order, stripped of the prompt and cut at the first stop string. `perplexity` streams
+batches and keeps only running sums, never the logits of the whole set.
 """
 
 from __future__ import annotations
@@ -53,29 +53,17 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gen
     return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)
 
 
-@torch.inference_mode()
-def _generate_batch(
-    model,
-    prompts: list[list[int]],
-    *,
-    pad_id: int,
-    stop_ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    gen: torch.Generator | None,
-    tail_hit: Callable[[list[list[int]]], list[bool]] | None,
-) -> list[list[int]]:
+def _prefill(model, prompts: list[list[int]], pad_id: int):
+    """Left-padded prefill of new rows: (cache, attention mask, next positions, last logits)."""
     from transformers import DynamicCache
 
     n, width = len(prompts), max(len(p) for p in prompts)
-    device = model.device
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attn = torch.zeros((n, width), dtype=torch.long)
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p) :] = torch.tensor(p)
         attn[i, width - len(p) :] = 1
-    input_ids, attn = input_ids.to(device), attn.to(device)
+    input_ids, attn = input_ids.to(model.device), attn.to(model.device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     out = model(
@@ -86,34 +74,115 @@ def _generate_batch(
         use_cache=True,
         logits_to_keep=1,
     )
-    logits, next_pos = out.logits[:, -1, :], pos[:, -1:] + 1
+    return cache, attn, pos[:, -1:] + 1, out.logits[:, -1, :]
+
+
+def _can_splice(cache) -> bool:
+    """Rows can join a running batch only when every layer is a plain growing KV cache."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+def _lpad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _splice(state: dict[str, Any], new: tuple) -> None:
+    """Append freshly prefilled rows to the running batch, left-padding the narrower side."""
+    cache, attn, next_pos, logits = new
+    width = max(state["attn"].shape[1], attn.shape[1])
+    for old, add in zip(state["cache"].layers, cache.layers, strict=True):
+        old.keys = torch.cat([_lpad(old.keys, width, 2), _lpad(add.keys, width, 2)])
+        old.values = torch.cat([_lpad(old.values, width, 2), _lpad(add.values, width, 2)])
+    state["attn"] = torch.cat([_lpad(state["attn"], width, 1), _lpad(attn, width, 1)])
+    state["next_pos"] = torch.cat([state["next_pos"], next_pos])
+    state["logits"] = torch.cat([state["logits"], logits])
+
+
+def _trim(state: dict[str, Any]) -> None:
+    """Drop leading columns no live row attends to (left by rows that finished)."""
+    start = int(state["attn"].any(0).to(torch.int8).argmax())
+    if start > 0:
+        state["attn"] = state["attn"][:, start:]
+        for layer in state["cache"].layers:
+            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+@torch.inference_mode()
+def _decode(
+    model,
+    encoded: list[list[int]],
+    order: list[int],
+    *,
+    batch_size: int,
+    pad_id: int,
+    stop_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    gen: torch.Generator | None,
+    tail_hit: Callable[[list[list[int]]], list[bool]] | None,
+    progress: Progress | None,
+) -> dict[int, list[int]]:
+    """Continuous batching over a KV cache: finished rows leave the batch at once and queued
+    prompts are prefilled into the freed slots, so every decode step runs a full batch.
+    (generate() keeps finished rows as padding until the whole batch ends; transformers'
+    own continuous batching ran 8x slower than this on CPU.)"""
+    device = model.device
     stop_ids = stop_ids.to(device)
-    live = torch.arange(n, device=device)
-    outs: list[list[int]] = [[] for _ in range(n)]
-    for step in range(max_new_tokens):
-        tokens = _pick(logits, temperature, top_p, gen)
-        rows = live.tolist()
-        for row, t in zip(rows, tokens.tolist(), strict=True):
+    queue, outs = list(order), {}
+    state: dict[str, Any] = {}
+    live: list[int] = []
+    refill_at = max(1, batch_size // 4)
+    splice = True
+    while queue or live:
+        free = batch_size - len(live)
+        if queue and (not live or (splice and free >= refill_at)):
+            take, queue = queue[:free], queue[free:]
+            new = _prefill(model, [encoded[i] for i in take], pad_id)
+            if live:
+                _splice(state, new)
+            else:
+                state = dict(zip(("cache", "attn", "next_pos", "logits"), new, strict=True))
+                splice = _can_splice(state["cache"])
+            live += take
+            outs.update({i: [] for i in take})
+        tokens = _pick(state["logits"], temperature, top_p, gen)
+        for row, t in zip(live, tokens.tolist(), strict=True):
             outs[row].append(t)
         done = torch.isin(tokens, stop_ids)
+        done |= torch.tensor([len(outs[r]) >= max_new_tokens for r in live], device=device)
         if tail_hit is not None:
-            done |= torch.tensor(tail_hit([outs[r] for r in rows]), device=device)
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
+            done |= torch.tensor(tail_hit([outs[r] for r in live]), device=device)
         if bool(done.any()):
-            # Finished rows leave the batch (generate() would keep computing them as padding).
             keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            live, tokens, attn, next_pos = live[keep], tokens[keep], attn[keep], next_pos[keep]
-        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            live = [live[k] for k in keep.tolist()]
+            if progress is not None:
+                progress(len(outs) - len(live), len(order))
+            if not live:
+                state = {}
+                continue
+            state["cache"].batch_select_indices(keep)
+            for key in ("attn", "next_pos"):
+                state[key] = state[key][keep]
+            tokens = tokens[keep]
+            if splice:
+                _trim(state)
+        attn = torch.cat([state["attn"], state["attn"].new_ones((len(live), 1))], dim=1)
         out = model(
             input_ids=tokens[:, None],
             attention_mask=attn,
-            position_ids=next_pos,
-            cache=cache,
+            position_ids=state["next_pos"],
+            cache=state["cache"],
             use_cache=True,
         )
-        logits, next_pos = out.logits[:, -1, :], next_pos + 1
+        state.update(attn=attn, next_pos=state["next_pos"] + 1, logits=out.logits[:, -1, :])
     return outs
 
 
@@ -163,32 +232,32 @@ def generate(
     ends = [*stops, *stop_tokens, tokenizer.eos_token or ""]
     stop_set = set(stop_ids.tolist())
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            outs = _generate_batch(
-                model,
-                [encoded[i] for i in idx],
-                pad_id=pad_id,
-                stop_ids=stop_ids,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                gen=gen,
-                tail_hit=tail_hit,
-            )
-            decoded = tokenizer.batch_decode(outs, skip_special_tokens=False)
-            for i, ids, text in zip(idx, outs, decoded, strict=True):
-                texts[i] = cut_at_stop(text, ends)
-                if details:
-                    stopped = ids[-1] in stop_set or any(e and e in text for e in ends)
-                    texts[i] = {
-                        "text": texts[i],
-                        "prompt_tokens": len(encoded[i]),
-                        "completion_tokens": len(ids),
-                        "finish_reason": "stop" if stopped else "length",
-                    }
-            if progress is not None:
-                progress(min(start + batch_size, len(order)), len(order))
+        outs = _decode(
+            model,
+            encoded,
+            order,
+            batch_size=batch_size,
+            pad_id=pad_id,
+            stop_ids=stop_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            gen=gen,
+            tail_hit=tail_hit,
+            progress=progress,
+        )
+        decoded = tokenizer.batch_decode([outs[i] for i in order], skip_special_tokens=False)
+        for i, text in zip(order, decoded, strict=True):
+            ids = outs[i]
+            texts[i] = cut_at_stop(text, ends)
+            if details:
+                stopped = ids[-1] in stop_set or any(e and e in text for e in ends)
+                texts[i] = {
+                    "text": texts[i],
+                    "prompt_tokens": len(encoded[i]),
+                    "completion_tokens": len(ids),
+                    "finish_reason": "stop" if stopped else "length",
+                }
     finally:
         model.train(was_training)
     return texts

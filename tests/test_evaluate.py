@@ -27,18 +27,51 @@ def test_batched_generation_matches_one_by_one_generate(tiny):
     prompts = [templates.generation_prompt(r, "alpaca", tok) for r in rows]
     prompts[3] = prompts[3] + " and a much longer prompt " * 6  # uneven lengths -> padding
     stops = templates.stop_strings("alpaca", tok)
+    # Tokens this (random) model emits mid-answer become extra stop tokens, so rows finish at
+    # different steps and queued prompts are spliced into the running batch.
+    free = []
+    for prompt in prompts:
+        enc = tok(prompt, return_tensors="pt")
+        out = model.generate(
+            **enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        free.append(out[0, enc.input_ids.shape[1] :].tolist())
+
+    def lengths(ids: set[int]) -> list[int]:
+        return [next((k + 1 for k, t in enumerate(o) if t in ids), 12) for o in free]
+
+    stop_ids: set[int] = set()
+    for _ in range(4):  # greedily pick the stop tokens that spread the lengths most
+        pool = {t for o in free for t in o} - stop_ids
+        stop_ids.add(max(sorted(pool), key=lambda t: len(set(lengths(stop_ids | {t})))))
+    eos = [tok.eos_token_id, *stop_ids]
+    stop_toks = tok.convert_ids_to_tokens(sorted(stop_ids))
     batched = generation.generate(
-        model, tok, prompts, max_new_tokens=12, batch_size=5, stop_strings=stops
+        model,
+        tok,
+        prompts,
+        max_new_tokens=12,
+        batch_size=4,
+        stop_strings=stops,
+        stop_tokens=stop_toks,
+        details=True,
     )
     for prompt, got in zip(prompts, batched, strict=True):
         ids = tok(prompt, return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(
-                **ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id
+                **ids,
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=tok.pad_token_id,
             )
-        text = tok.decode(out[0, ids.input_ids.shape[1] :])
-        assert got == generation.cut_at_stop(text, [*stops, tok.eos_token])
-    assert len(set(batched)) > 1
+        new = out[0, ids.input_ids.shape[1] :]
+        ends = [*stops, tok.eos_token, *stop_toks]  # a stop token ends the text, excluded
+        assert got["text"] == generation.cut_at_stop(tok.decode(new), ends)
+        assert got["completion_tokens"] == len(new)
+    assert len({b["completion_tokens"] for b in batched}) > 2
+    assert len({b["text"] for b in batched}) > 1
 
 
 def test_generation_stops_at_stop_string_and_sampling_is_seeded(tiny):
