@@ -252,6 +252,21 @@ def _training_args(cfg: TrainConfig, precision: str, work: Path, has_eval: bool,
     )
 
 
+def _choose_packing(model, cfg: TrainConfig, info: dict, vocab: int, precision: str):
+    """(packed?, attention implementation): packing only where the probe proves it clean."""
+    atol = 1e-4 if precision == "fp32" else 5e-2
+    configured = info.get("attn_implementation")
+    if not cfg.packing:
+        return False, model.config._attn_implementation
+    if not configured:
+        # Per-example attention inside the packed row (see packing.varlen_attention).
+        packing.use_varlen_attention(model)
+        if packing.packs_correctly(model, vocab, atol=atol):
+            return True, packing.VARLEN
+        model.set_attn_implementation("sdpa")
+    return packing.packs_correctly(model, vocab, atol=atol), model.config._attn_implementation
+
+
 def _trainer_class():
     from transformers import Trainer
 
@@ -296,8 +311,7 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     train_ds, eval_ds = _load_splits(Path(spec["tokenized"]), cfg.max_eval_examples)
     info = model_info(base)
     model = _load_model(base, cfg, precision, local_rank)
-    atol = 1e-4 if precision == "fp32" else 5e-2
-    packed = cfg.packing and packing.packs_correctly(model, len(tok), atol=atol)
+    packed, attention = _choose_packing(model, cfg, info, len(tok), precision)
     if cfg.method != "full":
         model = _wrap_peft(model, cfg)
     stats = packing.BatchStats()
@@ -333,6 +347,8 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     unwrapped = trainer.model
     if cfg.method == "full":
         unwrapped.config.use_cache = True
+        if attention == packing.VARLEN:  # registered in this process only
+            unwrapped.set_attn_implementation("sdpa")
         unwrapped.save_pretrained(str(out / "model"), safe_serialization=True)
     else:
         # adapter_config.json names the base (hub id / builtin:tiny), not a workspace path;
@@ -368,6 +384,7 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
         "precision": precision,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "packing": "flattened" if packed else "padded",
+        "attention": attention,
         "config": cfg.model_dump(mode="json"),
         "metrics": metrics,
         "step_metrics": series,

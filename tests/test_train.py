@@ -16,6 +16,7 @@ from instructflow.training.packing import (
     PackingCollator,
     PaddingCollator,
     packs_correctly,
+    use_varlen_attention,
 )
 from tasks.base_model import load_tokenizer, prepare_base_model, prepare_tokenizer
 from tasks.train import TrainError, last_complete_checkpoint, load_finetuned, train
@@ -55,10 +56,13 @@ def _examples(n: int = 4) -> list[dict]:
     return out
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "varlen"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_packed_loss_equals_token_weighted_loss_of_examples_alone(family):
+def test_packed_loss_equals_token_weighted_loss_of_examples_alone(family, attention):
     model = _tiny(family).eval()
     model.config.use_cache = False
+    if attention == "varlen":
+        use_varlen_attention(model)
     examples = _examples()
     assert packs_correctly(model, VOCAB)
     collator = PackingCollator()
@@ -74,8 +78,17 @@ def test_packed_loss_equals_token_weighted_loss_of_examples_alone(family):
             weight += n
         # Control: the same row without restarting positions lets examples see each other.
         leaky = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
+        # The same model still generates / scores unpacked batches normally.
+        alone = model(input_ids=torch.tensor([examples[0]["input_ids"]])).logits
     assert packed == pytest.approx(total / weight, abs=1e-5)
     assert abs(leaky - packed) > 1e-3
+    assert torch.allclose(
+        alone,
+        _tiny(family)
+        .eval()(input_ids=alone.new_tensor([examples[0]["input_ids"]], dtype=torch.long))
+        .logits,
+        atol=1e-5,
+    )
     stats = collator.stats.drain()
     assert stats["positions"] == stats["tokens"] == sum(len(e["input_ids"]) for e in examples)
     assert stats["useful"] == weight
@@ -146,7 +159,7 @@ def test_lora_run_is_seeded_and_writes_the_contract(inputs):
     info = json.loads(first.file("train.json").read_text())
     assert info["method"] == "lora" and info["base_model"]["name_or_path"] == "builtin:tiny"
     assert info["template"] == "alpaca" and info["packing"] == "flattened"
-    assert info["precision"] == "fp32"
+    assert info["precision"] == "fp32" and info["attention"] == "instructflow_varlen"
     steps = first.meta["step_metrics"]
     assert all(v == 0.0 for _, v in steps["padding_fraction"])
     assert all(v > 0 for _, v in steps["useful_tokens_per_s"])
