@@ -168,10 +168,29 @@ def run_finetune(
     """Run the finetune flow in-process with its Prefect results kept in the workspace."""
     from flows.finetune import finetune
 
+    _start_prefect_api()
     # A Path (not a block) keeps cache records inside this workspace, whatever the
     # process-wide Prefect settings say; tasks inherit the flow's result store.
     flow = finetune.with_options(result_storage=workspace.prefect_results_dir())
     return flow(config_path=config_path, overrides=overrides or [], until=until)
+
+
+def _start_prefect_api() -> None:
+    """Start (or reach) the Prefect API before the flow, one process at a time.
+
+    Two runs starting together on a fresh workspace would both create the ephemeral API's
+    sqlite database ("table alembic_version already exists"); a file lock serialises that.
+    """
+    import os
+
+    from filelock import FileLock
+    from prefect.client.orchestration import get_client
+
+    lock_dir = Path(os.environ.get("PREFECT_HOME", workspace.home() / "prefect"))
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / ".api-start.lock"), timeout=600):
+        with get_client(sync_client=True) as client:
+            client.hello()
 
 
 def _failure_reason(state) -> str:

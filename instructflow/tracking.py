@@ -56,11 +56,27 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 def setup(configured_uri: str | None, experiment: str, on_unreachable: str = "fail") -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    uri = tracking_uri(configured_uri)
+    with _store_init_lock(uri):
+        return _setup(uri, experiment, on_unreachable)
+
+
+def _store_init_lock(uri: str):
+    """Two runs starting at once on a fresh sqlite store both try to create its tables."""
+    from contextlib import nullcontext
+
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    from filelock import FileLock
+
+    return FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300)
+
+
+def _setup(uri: str, experiment: str, on_unreachable: str) -> str:
     import logging
 
     import mlflow
 
-    uri = tracking_uri(configured_uri)
     try:
         _check_reachable(uri)
     except TrackingError as exc:
