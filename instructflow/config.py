@@ -131,6 +131,10 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(default=None, ge=1)
     seed: int = 42
     nproc: int = Field(default=1, ge=1)
+    # Sharding for models that do not fit one GPU (with nproc > 1), passed to the Trainer:
+    # fsdp e.g. "full_shard auto_wrap"; deepspeed: path to a DeepSpeed (ZeRO-3) JSON config.
+    fsdp: str | None = None
+    deepspeed: str | None = None
     merge: bool = False
 
 

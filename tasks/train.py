@@ -1,6 +1,8 @@
 """train stage: QLoRA / LoRA / full fine-tuning of a causal LM with transformers' Trainer.
 
-Batches are packed without cross-contamination (instructflow.training.packing), checkpoints
+Batches are packed without cross-contamination (instructflow.training.packing: examples of a
+step share one row, position_ids restart, attention runs per example; a probe checks each
+model, else length-grouped padding; `per_device_batch_size` is the token budget), checkpoints
 go to the stage's work dir (`workspace.work_dir("train", <cache key>)`) and a rerun with the
 same key resumes from the last complete one. `train.nproc > 1` runs the same code under
 torchrun (DDP: gloo on CPU, nccl on GPU); only rank 0 writes outputs. Figures go into the
@@ -170,8 +172,10 @@ def _load_model(base: ArtifactRef, cfg: TrainConfig, precision: str, local_rank:
             bnb_4bit_quant_storage=compute,
         )
         kwargs["dtype"] = compute
-        # One full copy per rank: under DDP each process places the model on its own device.
-        kwargs["device_map"] = {"": local_rank if cuda else "cpu"}
+        if not (cfg.fsdp or cfg.deepspeed):
+            # One full copy per rank: under DDP each process places the model on its device.
+            # (FSDP / ZeRO-3 shard it instead; the 4-bit storage dtype above lets them.)
+            kwargs["device_map"] = {"": local_rank if cuda else "cpu"}
     elif cfg.method == "lora" and precision != "fp32":
         kwargs["dtype"] = _dtype(precision)  # frozen base in half precision; adapters stay fp32
     model = load_base_model(base, **kwargs)
@@ -211,7 +215,9 @@ def _training_args(cfg: TrainConfig, precision: str, work: Path, has_eval: bool,
             f"({cfg.eval_steps}) when train.early_stopping_patience is set"
         )
     cuda = torch.cuda.is_available()
+    sharding = {k: v for k, v in (("fsdp", cfg.fsdp), ("deepspeed", cfg.deepspeed)) if v}
     return TrainingArguments(
+        **sharding,
         output_dir=str(work / "checkpoints"),
         per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=cfg.per_device_batch_size,
@@ -255,16 +261,16 @@ def _training_args(cfg: TrainConfig, precision: str, work: Path, has_eval: bool,
 def _choose_packing(model, cfg: TrainConfig, info: dict, vocab: int, precision: str):
     """(packed?, attention implementation): packing only where the probe proves it clean."""
     atol = 1e-4 if precision == "fp32" else 5e-2
-    configured = info.get("attn_implementation")
+    original = model.config._attn_implementation
     if not cfg.packing:
-        return False, model.config._attn_implementation
-    if not configured:
+        return False, original
+    if not info.get("attn_implementation"):  # unless model.attn_implementation was chosen
         # Per-example attention inside the packed row (see packing.varlen_attention).
         packing.use_varlen_attention(model)
         if packing.packs_correctly(model, vocab, atol=atol):
             return True, packing.VARLEN
-        model.set_attn_implementation("sdpa")
-    return packing.packs_correctly(model, vocab, atol=atol), model.config._attn_implementation
+        model.set_attn_implementation(original)
+    return packing.packs_correctly(model, vocab, atol=atol), original
 
 
 def _trainer_class():
@@ -342,21 +348,23 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
             {"rank": rank, "world_size": world, "wrote_outputs": is_main, "examples": stats.seen}
         )
     )
-    if not is_main:
-        return
-    unwrapped = trainer.model
+    unwrapped = trainer.model  # the Trainer keeps the DDP/FSDP wrapper separately
     if cfg.method == "full":
+        target, extra = out / "model", {}
         unwrapped.config.use_cache = True
         if attention == packing.VARLEN:  # registered in this process only
             unwrapped.set_attn_implementation("sdpa")
-        unwrapped.save_pretrained(str(out / "model"), safe_serialization=True)
     else:
         # adapter_config.json names the base (hub id / builtin:tiny), not a workspace path;
         # embeddings are never resized, so PEFT need not look that name up.
+        target, extra = out / "adapter", {"save_embedding_layers": False}
         unwrapped.peft_config["default"].base_model_name_or_path = info["name_or_path"]
-        unwrapped.save_pretrained(
-            str(out / "adapter"), safe_serialization=True, save_embedding_layers=False
-        )
+    if cfg.fsdp or cfg.deepspeed:
+        trainer.save_model(str(target))  # sharded: every rank gathers, rank 0 writes
+    elif is_main:
+        unwrapped.save_pretrained(str(target), safe_serialization=True, **extra)
+    if not is_main:
+        return
     _copy_tokenizer(Path(spec["tokenizer"]), out / "tokenizer")
     n_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
     state = trainer.state

@@ -224,3 +224,12 @@ def test_stage_figures_reach_mlflow_without_checkpoints(inputs):
     expected = {"adapter", "tokenizer", "train.json", "loss_curve.png"}
     assert {f"train/{name}" for name in expected} <= logged
     assert not any("checkpoint" in p for p in logged)
+
+
+def test_packing_off_falls_back_to_length_grouped_padding(inputs):
+    tokenized, base, tok_ref = inputs
+    ref = train(tokenized, base, tok_ref, _cfg(packing=False, max_steps=2))
+    info = json.loads(ref.file("train.json").read_text())
+    assert info["packing"] == "padded" and info["attention"] == "sdpa"
+    pads = [v for _, v in ref.meta["step_metrics"]["padding_fraction"]]
+    assert len(pads) == 2 and all(0 <= v < 0.5 for v in pads)

@@ -19,6 +19,7 @@ from tasks.base_model import load_base_model, load_tokenizer, prepare_base_model
 from tasks.train import ROOT, last_complete_checkpoint, train, work_key
 
 pytestmark = pytest.mark.slow
+STEPS = 16  # long enough after the first checkpoint (step 2) for the test to kill it
 
 DRIVER = """
 import json, sys
@@ -58,7 +59,7 @@ def test_sigkilled_run_resumes_from_last_complete_checkpoint(inputs):
     tokenized, base, tok_ref = inputs
     cfg = TrainConfig(
         method="lora",
-        max_steps=12,
+        max_steps=STEPS,
         per_device_batch_size=2,
         save_steps=2,
         eval_steps=100,
@@ -92,16 +93,16 @@ def test_sigkilled_run_resumes_from_last_complete_checkpoint(inputs):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed_at = int(last_complete_checkpoint(work).name.split("-")[1])
-    assert 2 <= killed_at < 12
+    assert 2 <= killed_at < STEPS
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {
         p.name for p in last_complete_checkpoint(work).iterdir()
     }
 
     ref = train(tokenized, base, tok_ref, cfg)  # same inputs -> same work dir -> resume
     metrics = ref.meta["metrics"]
-    assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == 12
+    assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == STEPS
     logged = [s for s, _ in ref.meta["step_metrics"]["loss"]]
-    assert logged == list(range(killed_at + 1, 13))  # no step before the checkpoint redone
+    assert logged == list(range(killed_at + 1, STEPS + 1))  # no step before the checkpoint redone
     assert not work.exists()  # scratch removed once the artifact is published
     _generates(ref, base)
     # Optimizer, scheduler, RNG and data order were restored: the curve continues exactly
@@ -134,3 +135,31 @@ def test_two_process_ddp_trains_rank_shards_and_rank0_writes(inputs):
         "train.json",
     ]
     _generates(ref, base)
+
+
+def test_flow_trains_then_hits_the_cache_and_fills_mlflow(home):
+    from mlflow.tracking import MlflowClient
+
+    from instructflow.pipeline import run_finetune
+
+    overrides = [
+        "data.demo_rows=40",
+        "tokenize.max_length=64",
+        "train.method=lora",
+        "train.max_steps=2",
+        "train.logging_steps=1",
+        "train.lora_r=4",
+        "tracking.min_free_disk_mb=0",
+    ]
+    first = run_finetune(None, overrides, until="train")
+    second = run_finetune(None, overrides, until="train")
+    assert first["stages"]["train"]["state"] == "Completed"
+    assert second["stages"]["train"]["state"] == "Cached"
+    digest = first["stages"]["train"]["artifact_digest"]
+    assert second["stages"]["train"]["artifact_digest"] == digest
+    client = MlflowClient()
+    for summary in (first, second):  # a Cached stage still fills its new run
+        run_id = summary["mlflow_run_id"]
+        assert [m.step for m in client.get_metric_history(run_id, "train.loss")] == [1, 2]
+        logged = {a.path for a in client.list_artifacts(run_id, "train")}
+        assert "train/adapter" in logged and "train/loss_curve.png" in logged
