@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,11 @@ def load_finetuned_dirs(train_dir: Path, base_dir: Path):
     info = json.loads((train_dir / "train.json").read_text())
     model, tokenizer = load_finetuned(train_ref, base_ref)
     return model, tokenizer, info.get("template", "alpaca")
+
+
+# The model logs an explicit signature, so MLflow's type-hint inference is not wanted; its
+# warning about missing hints fires at class definition and would reach every CLI command.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
 
 
 class InstructflowModel(mlflow.pyfunc.PythonModel):
