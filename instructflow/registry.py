@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +61,12 @@ def load_finetuned_dirs(train_dir: Path, base_dir: Path):
     return model, tokenizer, info.get("template", "alpaca")
 
 
-# The model logs an explicit signature, so MLflow's type-hint inference is not wanted; its
-# warning about missing hints fires at class definition and would reach every CLI command.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
-
-
 class InstructflowModel(mlflow.pyfunc.PythonModel):
     """Generates answers; columns `instruction` (+ optional `input`) -> `response`."""
+
+    # The model is logged with an explicit signature: skip MLflow's type-hint validation
+    # (and its warning about missing hints, printed on every import of this module).
+    _skip_type_hint_validation = True
 
     def load_context(self, context):
         train_dir = Path(context.artifacts["train"])
