@@ -26,8 +26,18 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def _run_args(summary: Path) -> list[str]:
-    return [sys.executable, "-m", "instructflow.cli", "run", "--plain", "--until", "tokenize",
-            "--summary-json", str(summary), *SMALL]
+    return [
+        sys.executable,
+        "-m",
+        "instructflow.cli",
+        "run",
+        "--plain",
+        "--until",
+        "tokenize",
+        "--summary-json",
+        str(summary),
+        *SMALL,
+    ]
 
 
 def _all_published_artifacts_valid(home: Path) -> int:
@@ -47,10 +57,16 @@ def test_sigkill_inside_each_data_stage_then_rerun_completes(tmp_path):
     marker = tmp_path / "marker"
     for stage in DATA_STAGES:
         marker.unlink(missing_ok=True)
-        env = _env(home, INSTRUCTFLOW_FAULT_PAUSE_STAGE=stage,
-                   INSTRUCTFLOW_FAULT_MARKER=str(marker))
-        proc = subprocess.Popen(_run_args(tmp_path / "killed.json"), cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = _env(
+            home, INSTRUCTFLOW_FAULT_PAUSE_STAGE=stage, INSTRUCTFLOW_FAULT_MARKER=str(marker)
+        )
+        proc = subprocess.Popen(
+            _run_args(tmp_path / "killed.json"),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 240
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -63,8 +79,9 @@ def test_sigkill_inside_each_data_stage_then_rerun_completes(tmp_path):
         assert _all_published_artifacts_valid(home) >= DATA_STAGES.index(stage)
 
     summary = tmp_path / "final.json"
-    done = subprocess.run(_run_args(summary), cwd=ROOT, env=_env(home), capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        _run_args(summary), cwd=ROOT, env=_env(home), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     states = {k: v["state"] for k, v in json.loads(summary.read_text())["stages"].items()}
     # Every stage finished before its kill is reused; the last killed one is recomputed.
@@ -76,8 +93,14 @@ def test_sigkill_inside_each_data_stage_then_rerun_completes(tmp_path):
 def test_two_concurrent_runs_share_one_workspace_safely(tmp_path):
     home = tmp_path / "home"
     procs = [
-        subprocess.Popen(_run_args(tmp_path / f"s{i}.json"), cwd=ROOT, env=_env(home),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            _run_args(tmp_path / f"s{i}.json"),
+            cwd=ROOT,
+            env=_env(home),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     for p in procs:
@@ -87,7 +110,8 @@ def test_two_concurrent_runs_share_one_workspace_safely(tmp_path):
     for stage in DATA_STAGES:
         assert a[stage]["artifact_digest"] == b[stage]["artifact_digest"], stage
         # Content addressing: one published directory per stage, whoever wrote it.
-        published = [p for p in (home / "artifacts" / stage).iterdir()
-                     if not p.name.startswith(".")]
+        published = [
+            p for p in (home / "artifacts" / stage).iterdir() if not p.name.startswith(".")
+        ]
         assert len(published) == 1, (stage, published)
     _all_published_artifacts_valid(home)
