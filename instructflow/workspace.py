@@ -61,6 +61,9 @@ def configure(path: str | os.PathLike[str] | None = None) -> Path:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
         "TOKENIZERS_PARALLELISM": "false",
+        # Nothing is written outside the workspace by default (set HF_HOME to share a hub cache).
+        "HF_HOME": str(root / "hf"),
+        "MPLCONFIGDIR": str(root / "matplotlib"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
