@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{counts['dropped_no_target']} rows whose prompt alone exceeds max_length are dropped "
         f"by ours (all-masked in the baseline); {counts['truncated']} truncated; "
         f"method `{counts['method']}`.",
-        f"Tokenizer threads: ours uses them from 4 CPUs (here {cpus}: "
-        f"{'threaded' if cpus >= 4 else 'single-threaded'}); the baseline cannot.",
+        f"Tokenizer threads: ours uses them from 2 CPUs (here {cpus}: "
+        f"{'threaded' if cpus >= 2 else 'single-threaded'}); the per-example baseline's one "
+        "call per row cannot use them.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
