@@ -8,35 +8,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from demo_rows import canonical_demo_rows
 
-from instructflow import demo_data
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.config import ModelConfig
 from tasks.base_model import load_base_model, prepare_base_model, prepare_tokenizer
 
 
 def canonical_rows(n: int, seed: int = 7) -> list[dict]:
-    rows = []
-    for i, r in enumerate(demo_data.generate(n, seed=seed)):
-        user = f"{r['instruction']}\n\n{r['input']}".strip()
-        rows.append(
-            {
-                "id": f"demo.jsonl:{i}",
-                "file": "demo.jsonl",
-                "row": i,
-                "messages": [
-                    {"role": "user", "content": user},
-                    {"role": "assistant", "content": r["output"]},
-                ],
-                "instruction": r["instruction"],
-                "input": r["input"],
-                "output": r["output"],
-                "group": str(i),
-                "augmented_from": None,
-                "meta": {},
-            }
-        )
-    return rows
+    return canonical_demo_rows(n, seed)
 
 
 def make_splits(rows: list[dict]) -> ArtifactRef:

@@ -6,8 +6,8 @@ import json
 from collections import Counter
 
 import pytest
+from demo_rows import canonical_demo_rows
 
-from instructflow import demo_data
 from instructflow.artifacts import write_artifact
 from instructflow.config import AugmentConfig, SplitConfig
 from tasks.augment import augment, augment_rows, read_jsonl
@@ -15,27 +15,7 @@ from tasks.split import SPLITS, SplitError, read_split, split, split_rows
 
 
 def canonical(n: int, seed: int = 0) -> list[dict]:
-    rows = []
-    for i, r in enumerate(demo_data.generate(n, seed)):
-        user = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
-        rows.append(
-            {
-                "id": f"demo.jsonl:{i}",
-                "file": "demo.jsonl",
-                "row": i,
-                "messages": [
-                    {"role": "user", "content": user},
-                    {"role": "assistant", "content": r["output"]},
-                ],
-                "instruction": r["instruction"],
-                "input": r["input"],
-                "output": r["output"],
-                "group": f"g{i}",
-                "augmented_from": None,
-                "meta": {"task": r["task"]},
-            }
-        )
-    return rows
+    return canonical_demo_rows(n, seed)
 
 
 def test_augment_rewrites_a_seeded_fraction_and_tags_the_source():

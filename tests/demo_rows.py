@@ -1,0 +1,29 @@
+"""The demo dataset as canonical rows (what validate writes), for stage tests that start later."""
+
+from __future__ import annotations
+
+from instructflow import demo_data
+
+
+def canonical_demo_rows(n: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for i, r in enumerate(demo_data.generate(n, seed)):
+        user = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+        rows.append(
+            {
+                "id": f"demo.jsonl:{i}",
+                "file": "demo.jsonl",
+                "row": i,
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": r["output"]},
+                ],
+                "instruction": r["instruction"],
+                "input": r["input"],
+                "output": r["output"],
+                "group": f"g{i}",
+                "augmented_from": None,
+                "meta": {"task": r["task"]},
+            }
+        )
+    return rows
