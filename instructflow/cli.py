@@ -145,10 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         progress.unsubscribe(view)
 
-    from instructflow.pipeline import STAGES as ALL
-
     stages = {}
-    for name in ALL:
+    for name in STAGES:
         row = view.rows.get(name, {})
         state = row.get("state", "Pending")
         if state in ("Pending", "Running"):
