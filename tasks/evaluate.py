@@ -147,11 +147,11 @@ def evaluate(
         return ppl, n_tok, outs
 
     torch.manual_seed(cfg.seed)
-    ppl, n_tokens, ft_out = run_model(ft_model, "fine-tuned")
     base_out: list[str] | None = None
-    metrics: dict[str, float] = {"perplexity": ppl, "test_examples": len(rows)}
+    metrics: dict[str, float] = {"test_examples": len(rows)}
     if cfg.compare_base:
         # A PEFT model is its base with the adapter switched off: no second copy in memory.
+        # The base goes first: the fine-tuned pass then folds the adapter into these weights.
         if hasattr(ft_model, "disable_adapter"):
             base_model, ctx = ft_model, ft_model.disable_adapter()
         else:
@@ -161,6 +161,8 @@ def evaluate(
         with ctx:
             metrics["perplexity_base"], _, base_out = run_model(base_model, "base")
         del base_model
+    ft_model = generation.fold_adapter(ft_model)
+    metrics["perplexity"], n_tokens, ft_out = run_model(ft_model, "fine-tuned")
     # Free the evaluated model(s) before the judge loads its own (the hf backend).
     del ft_model
     gc.collect()
@@ -224,7 +226,7 @@ def evaluate(
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "examples.json").write_text(json.dumps(columns, indent=1, default=str))
         plot_scores(columns, tmp / "scores.png")
-        summary = f"ppl {ppl:.2f}"
+        summary = f"ppl {metrics['perplexity']:.2f}"
         if "perplexity_base" in metrics:
             summary += f" (base {metrics['perplexity_base']:.2f})"
         summary += f", ROUGE-L {metrics['rougeL']:.3f}"

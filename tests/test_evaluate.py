@@ -74,6 +74,72 @@ def test_batched_generation_matches_one_by_one_generate(tiny):
     assert len({b["text"] for b in batched}) > 1
 
 
+def test_shared_prefixes_group_prompts_by_their_common_header():
+    head_a, head_b = list(range(100, 130)), list(range(100, 110)) + list(range(200, 220))
+    prompts = [
+        head_a + [1, 2, 3],
+        head_a + [1, 2, 4, 5],
+        head_b + [7],
+        head_a + [9],
+        head_b + [8, 8],
+        list(range(300, 340)),  # shares nothing: no prefix
+        head_a,  # the whole prompt is the header: one token is left to compute
+    ]
+    assert generation.shared_prefixes(prompts) == [29, 29, 30, 29, 30, 0, 29]
+    # Stricter: only the two rows that share 32 tokens still group.
+    assert generation.shared_prefixes(prompts, min_tokens=31) == [32, 32, 0, 0, 0, 0, 0]
+    assert generation.shared_prefixes([head_a + [1]]) == [0]  # a group needs two rows
+
+
+def test_prefix_sharing_and_chunked_prefill_give_the_same_outputs(tiny, monkeypatch):
+    _, _, model, tok = tiny
+    rows = canonical_rows(24)
+    prompts = [templates.generation_prompt(r, "alpaca", tok) for r in rows]
+    prompts[5] = "An unrelated prompt with no template at all."
+    encoded = tok(prompts)["input_ids"]
+    shared = generation.shared_prefixes(encoded)
+    assert sum(n > 0 for n in shared) >= 20 and shared[5] == 0
+    kw = dict(max_new_tokens=10, batch_size=8, details=True)
+    plain = generation.generate(model, tok, prompts, share_prefix=False, **kw)
+    computed: list[int] = []
+    prefix_kv = generation._prefix_kv
+    monkeypatch.setattr(
+        generation, "_prefix_kv", lambda m, t: computed.append(len(t)) or prefix_kv(m, t)
+    )
+    assert generation.generate(model, tok, prompts, **kw) == plain
+    assert computed and all(n >= 16 for n in computed)  # headers were computed once each
+    assert len(computed) == len(
+        set(tuple(e[:n]) for e, n in zip(encoded, shared, strict=True) if n)
+    )
+    monkeypatch.setattr(generation, "PREFILL_ROWS", 3)  # several prefill calls per refill
+    assert generation.generate(model, tok, prompts, **kw) == plain
+
+
+def test_fold_adapter_merges_lora_into_plain_weights_with_the_same_outputs(tiny):
+    tok_ref, base, _, tok = tiny
+    from peft import PeftModel
+
+    from tasks.train import load_finetuned
+
+    model, _ = load_finetuned(make_train(base, tok_ref), base)
+    assert isinstance(model, PeftModel)
+    prompts = [templates.generation_prompt(r, "alpaca", tok) for r in canonical_rows(6)]
+    before = generation.generate(model, tok, prompts, max_new_tokens=8)
+    ppl_before, _ = generation.perplexity(
+        model, scored_examples(canonical_rows(6), "alpaca", tok), pad_id=tok.pad_token_id
+    )
+    folded = generation.fold_adapter(model)
+    assert not isinstance(folded, PeftModel)
+    assert not any("lora" in name for name, _ in folded.named_parameters())
+    assert generation.generate(folded, tok, prompts, max_new_tokens=8) == before
+    ppl_after, _ = generation.perplexity(
+        folded, scored_examples(canonical_rows(6), "alpaca", tok), pad_id=tok.pad_token_id
+    )
+    assert ppl_after == pytest.approx(ppl_before, rel=1e-4)
+    plain = load_base_model(base)
+    assert generation.fold_adapter(plain) is plain
+
+
 def test_generation_stops_at_stop_string_and_sampling_is_seeded(tiny):
     _, _, model, tok = tiny
     prompts = [templates.generation_prompt(r, "alpaca", tok) for r in canonical_rows(3)]
