@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,22 +40,56 @@ WAYS = {
     "b": "(b) instructflow train stage (packed)",
     "c": "(c) TRL SFTTrainer, default packing",
 }
+MODELS = {
+    "builtin": "builtin:tiny, 5.2M parameters, 994-token vocabulary",
+    "alpaca-bpe-4k": "builtin:tiny's architecture with a 4,096-token BPE, 6.8M parameters",
+}
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 MAX_LENGTH = 512
 
 
 # -- parent: data, subprocesses, table ---------------------------------------------------------
-def prepare(n: int) -> dict:
+def bpe4k_model(rows: list[dict], folder: Path) -> str:
+    """A ~7M Llama: the builtin architecture with a 4,096-token byte-level BPE trained on
+    Alpaca rows outside the benchmark's sample (the builtin tokenizer is trained on the demo
+    tasks and stops at 994 tokens, so English text takes ~1.7x as many tokens as here)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from instructflow import templates
+    from tasks.base_model import TINY_ARCH, build_bpe_tokenizer
+
+    no_tok = SimpleNamespace(eos_token="")  # rendering needs only the EOS text
+    corpus = ["".join(t for t, _ in templates.segments(r, "alpaca", no_tok)) for r in rows]
+    tok = build_bpe_tokenizer(corpus, 4096)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **TINY_ARCH,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+def prepare(n: int, model: str, home: Path) -> dict:
     from instructflow.artifacts import write_artifact
     from instructflow.config import ModelConfig, TokenizeConfig
     from tasks.base_model import load_tokenizer, prepare_base_model, prepare_tokenizer
     from tasks.tokenize import encode_rows, save_table
 
-    rows = json.loads(DATA.read_text(encoding="utf-8"))
-    rows = random.Random(0).sample(rows, n)
-    rows = [{**r, "id": f"random_9k:{i}"} for i, r in enumerate(rows)]
-    tok_ref = prepare_tokenizer(ModelConfig())
-    base = prepare_base_model(ModelConfig(), tok_ref)
+    everything = json.loads(DATA.read_text(encoding="utf-8"))
+    picked = random.Random(0).sample(range(len(everything)), n)
+    rows = [{**everything[i], "id": f"random_9k:{k}"} for k, i in enumerate(picked)]
+    model_cfg = ModelConfig()
+    if model == "alpaca-bpe-4k":
+        rest = [r for i, r in enumerate(everything) if i not in set(picked)]
+        model_cfg = ModelConfig(name_or_path=bpe4k_model(rest, home / "alpaca-bpe-4k"))
+    tok_ref = prepare_tokenizer(model_cfg)
+    base = prepare_base_model(model_cfg, tok_ref)
     tok = load_tokenizer(tok_ref)
     cfg = TokenizeConfig(template="alpaca", max_length=MAX_LENGTH)
     table, counts = encode_rows(rows, tok, cfg)
@@ -117,12 +152,13 @@ def table(best: dict[str, dict], args, counts: dict) -> str:
     head = (
         f"Command: `python bench/train_throughput.py --examples {args.examples} --steps "
         f"{args.steps} --batch {args.batch} --trl-batch {args.trl_batch} --repeats "
-        f"{args.repeats} --threads {args.threads}`  \nMachine: {platform.machine()}, "
+        f"{args.repeats} --threads {args.threads} --model {args.model}`  \n"
+        f"Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch threads {args.threads or 'default'}; best of "
         f"{args.repeats} alternating runs per way (shared machine).  \n"
         f"Data: {counts['rows']} Alpaca examples (random_9k, seeded sample), "
-        f"{counts['tokens']} tokens, {counts['trainable_tokens']} loss-bearing; builtin:tiny + "
-        "LoRA r16 all-linear, fp32.\n"
+        f"{counts['tokens']} tokens, {counts['trainable_tokens']} loss-bearing; model "
+        f"`{args.model}` ({MODELS[args.model]}) + LoRA r16 all-linear, fp32.\n"
     )
     return head + "\n" + "\n".join(lines) + "\n\n" + "; ".join(targets) + "\n"
 
@@ -136,6 +172,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads per way (0: default)")
     p.add_argument("--ways", default="abc")
+    p.add_argument("--model", choices=["builtin", "alpaca-bpe-4k"], default="alpaca-bpe-4k")
     p.add_argument("--child")
     p.add_argument("--spec")
     p.add_argument("--out")
@@ -148,7 +185,7 @@ def main() -> None:
     from instructflow import workspace
 
     workspace.configure()
-    spec = prepare(args.examples)
+    spec = prepare(args.examples, args.model, home)
     counts = spec.pop("counts")
     results: dict[str, list[dict]] = {w: [] for w in args.ways}
     for rep in range(args.repeats):

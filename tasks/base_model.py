@@ -68,6 +68,12 @@ def _builtin_corpus() -> list[str]:
 
 
 def build_builtin_tokenizer():
+    return build_bpe_tokenizer(_builtin_corpus(), TINY_VOCAB)
+
+
+def build_bpe_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `corpus`, with the builtin special tokens and
+    ChatML template (also used by the benchmarks for a tokenizer with a fuller vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -75,12 +81,12 @@ def build_builtin_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_builtin_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS,
