@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         f"input_ids and labels identical (unpadded) on all {kept} rows that keep a target; "
         f"{counts['dropped_no_target']} rows whose prompt alone exceeds max_length are dropped "
         f"by ours (all-masked in the baseline); {counts['truncated']} truncated; "
-        f"method `{counts['method']}`.",
+        f"method `{counts['method']}`, ids by `{counts['engine']}`.",
         f"Tokenizer threads: ours uses them from 2 CPUs (here {cpus}: "
         f"{'threaded' if cpus >= 2 else 'single-threaded'}); the per-example baseline's one "
         "call per row cannot use them.",

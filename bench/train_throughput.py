@@ -203,7 +203,8 @@ def main() -> None:
     if set(best) == set("abc"):
         text = table(best, args, counts)
         print(text)
-        out = ROOT / "bench" / "results" / "train_throughput.md"
+        suffix = "" if args.model == "alpaca-bpe-4k" else f"-{args.model}"
+        out = ROOT / "bench" / "results" / f"train_throughput{suffix}.md"
         out.parent.mkdir(exist_ok=True)
         out.write_text("# Train throughput\n\n" + text)
 

@@ -85,6 +85,10 @@ class TokenizeConfig(Section):
     train_on_inputs: bool = False
     truncation: Literal["drop", "truncate"] = "drop"
     batch_size: int = Field(default=1000, ge=1)
+    # auto: ids via tiktoken where it reproduces the tokenizer (checked on a sample of every
+    # split, see instructflow.fast_bpe), else the tokenizer's own backend; tokenizers: always
+    # the latter.
+    engine: Literal["auto", "tokenizers"] = "auto"
 
 
 class ModelConfig(Section):

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from instructflow import templates
+from instructflow import fast_bpe, templates
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import TokenizeConfig
@@ -72,16 +72,22 @@ def special_affixes(tokenizer, template: str) -> tuple[list[int], list[int]]:
 class Encoded:
     """Flat token arrays of many rows: values/labels concatenated, row offsets."""
 
-    def __init__(self, values: np.ndarray, trainable: np.ndarray, lengths: np.ndarray):
+    def __init__(
+        self, values: np.ndarray, trainable: np.ndarray, lengths: np.ndarray, engine: str = ""
+    ):
+        self.engine = engine  # what produced the ids: "tiktoken" or "tokenizers"
         self.values = values.astype(np.int32, copy=False)
         self.trainable = trainable
         self.lengths = lengths.astype(np.int64, copy=False)
 
 
 def encode_segments(
-    backend, segs: list[templates.Segments], prefix: list[int], suffix: list[int]
+    backend, segs: list[templates.Segments], prefix: list[int], suffix: list[int], fast=None
 ) -> Encoded:
-    """Tokenise each distinct segment once and concatenate per row."""
+    """Tokenise each distinct segment once and concatenate per row.
+
+    `fast` (an instructflow.fast_bpe.FastBPE) encodes the distinct segments when its ids match
+    the backend's on a spread-out sample of them; otherwise the backend does."""
     index: dict[str, int] = {}
     order: list[int] = []
     train: list[bool] = []
@@ -95,12 +101,15 @@ def encode_segments(
             train.append(trainable)
         order.append(-1)
         train.append(False)
-    ids = encode_batch(backend, list(index)) + [prefix, suffix]
-    seg_len = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(seg_len.sum()))
+    texts = list(index)
+    flat, seg_len, engine = _encode_distinct(backend, texts, fast)
+    affix = np.asarray(prefix + suffix, dtype=np.int32)
+    flat = np.concatenate([flat, affix])
+    seg_len = np.concatenate([seg_len, [len(prefix), len(suffix)]]).astype(np.int64)
+    n_pieces = len(seg_len)
     seg_start = np.concatenate([[0], np.cumsum(seg_len)[:-1]])
     # Gather: token k of piece j is flat[seg_start[order[j]] + k], fully vectorised.
-    pieces = np.asarray(order, dtype=np.int64) % len(ids)
+    pieces = np.asarray(order, dtype=np.int64) % n_pieces
     tok_len = seg_len[pieces]
     piece_start = np.concatenate([[0], np.cumsum(tok_len)[:-1]])
     total = int(tok_len.sum())
@@ -108,7 +117,30 @@ def encode_segments(
     trainable = np.repeat(np.asarray(train, dtype=bool), tok_len)
     row_of_piece = np.repeat(np.arange(len(segs)), per_row)
     lengths = np.bincount(row_of_piece, weights=tok_len, minlength=len(segs)).astype(np.int64)
-    return Encoded(flat[gather], trainable, lengths)
+    return Encoded(flat[gather], trainable, lengths, engine)
+
+
+def _encode_distinct(backend, texts: list[str], fast) -> tuple[np.ndarray, np.ndarray, str]:
+    """(concatenated ids, ids per text, engine) of `texts`."""
+    if fast is not None and texts:
+        try:
+            flat, seg_len = fast.encode(texts)
+        except ValueError:  # a text holds the chunk separator
+            flat = None
+        if flat is not None:
+            sample = np.unique(np.linspace(0, len(texts) - 1, min(CHECK_ROWS, len(texts))))
+            sample = sample.astype(np.int64)
+            want = encode_batch(backend, [texts[i] for i in sample])
+            starts = np.concatenate([[0], np.cumsum(seg_len)])
+            if all(
+                flat[starts[i] : starts[i + 1]].tolist() == w
+                for i, w in zip(sample, want, strict=True)
+            ):
+                return flat, seg_len, "tiktoken"
+    ids = encode_batch(backend, texts)
+    seg_len = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(seg_len.sum()))
+    return flat, seg_len, "tokenizers"
 
 
 def encode_offsets(
@@ -127,7 +159,9 @@ def encode_offsets(
         values.append(np.asarray(prefix + enc.ids + suffix, dtype=np.int32))
         trainable.append(np.concatenate([pre, mask, post]))
         lengths.append(len(values[-1]))
-    return Encoded(np.concatenate(values), np.concatenate(trainable), np.asarray(lengths))
+    return Encoded(
+        np.concatenate(values), np.concatenate(trainable), np.asarray(lengths), "tokenizers"
+    )
 
 
 def segments_match(backend, segs: list[templates.Segments], enc: Encoded, affix: int) -> bool:
@@ -192,13 +226,14 @@ def encode_rows(
         except (KeyError, TypeError, templates.TemplateError) as exc:
             raise templates.TemplateError(f"row {row.get('id')}: {exc}") from None
     prefix, suffix = special_affixes(tokenizer, cfg.template)
-    enc = encode_segments(backend, segs, prefix, suffix)
+    fast = fast_bpe.for_backend(backend) if cfg.engine == "auto" else None
+    enc = encode_segments(backend, segs, prefix, suffix, fast)
     method = "segments"
     if not segments_match(backend, segs, enc, len(prefix)):
         enc = encode_offsets(backend, segs, prefix, suffix)
         method = "offsets"
     table, counts = to_table(enc, cfg)
-    return table, {**counts, "method": method}
+    return table, {**counts, "method": method, "engine": enc.engine}
 
 
 def save_table(table, path: Path) -> None:
@@ -282,6 +317,7 @@ def tokenize(splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig) -
         }
         report.update(metrics)
         report["method"] = sorted({p["method"] for p in parts})
+        report["engine"] = sorted({p["engine"] for p in parts})
         (tmp / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
         plot_lengths(lengths, cfg.max_length, tmp / "token_hist.png")
         if total["rows"] == 0 or report["splits"]["train"]["rows"] == 0:
