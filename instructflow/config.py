@@ -145,7 +145,8 @@ class TrainConfig(Section):
 class EvaluateConfig(Section):
     max_examples: int | None = Field(default=None, ge=1)
     max_new_tokens: int = Field(default=64, ge=1)
-    batch_size: int = Field(default=32, ge=1)
+    # Rows decoding at once (continuous batching); 64 ran ~10% faster than 32 on CPU.
+    batch_size: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int = 0
