@@ -34,6 +34,8 @@ METRIC_TAG = "instructflow.metric."
 SPLIT_TAG = "instructflow.test_split_digest"
 DECISION_TAG = "instructflow.gate.decision"
 REASONS_TAG = "instructflow.gate.reasons"
+# train/evaluate/base artifact digests a version was registered from (re-runs reuse it)
+SOURCE_TAG = "instructflow.source_digests"
 GATED_METRICS = ("perplexity", "perplexity_base", "rougeL", "rougeL_base", "win_rate")
 # Libraries the model needs at load time (instructflow itself must be installed too).
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")

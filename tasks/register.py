@@ -103,7 +103,11 @@ def register(
 
     run_id, own_run = _active_run()
     client = MlflowClient()
+    source = f"train:{model.digest} evaluate:{report.digest} base:{base.digest}"
     try:
+        same = _registered_from(client, cfg.model_name, source)
+        if same is not None:
+            return _unchanged(client, cfg, run_id, same)
         params = client.get_run(run_id).data.params
         metrics, judge = report_metrics(report)
         split_digest = params.get("split.artifact_digest", "")
@@ -125,6 +129,7 @@ def register(
         version = str(info.registered_model_version)
         tags = {f"{registry.METRIC_TAG}{k}": str(v) for k, v in metrics.items()}
         tags[registry.SPLIT_TAG] = split_digest
+        tags[registry.SOURCE_TAG] = source
         for k, v in tags.items():
             client.set_model_version_tag(cfg.model_name, version, k, v)
         client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)
@@ -160,6 +165,52 @@ def register(
     }
     summary = f"{cfg.model_name} v{version} {verdict}" + (" -> champion" if promoted else "")
     return _publish(decision, cfg, summary, gate_tags)
+
+
+def _registered_from(client, name: str, source: str):
+    """The version registered (and gated) from exactly these artifacts, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    done = [
+        v
+        for v in versions
+        if v.tags.get(registry.SOURCE_TAG) == source and registry.DECISION_TAG in v.tags
+    ]
+    return max(done, key=lambda v: int(v.version), default=None)
+
+
+def _unchanged(client, cfg: RegisterConfig, run_id: str, version) -> ArtifactRef:
+    """A re-run with nothing new (e.g. a nightly run on unchanged data): no new version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champ = client.get_model_version_by_alias(cfg.model_name, registry.CHAMPION)
+    except MlflowException:
+        champ = None
+    is_champion = champ is not None and champ.version == version.version
+    reason = (
+        f"unchanged: version {version.version} was registered from the same train, evaluate "
+        "and base artifacts"
+    )
+    tags = {registry.DECISION_TAG: "unchanged", registry.REASONS_TAG: reason}
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    decision = {
+        "model_name": cfg.model_name,
+        "version": int(version.version),
+        "model_uri": f"models:/{cfg.model_name}/{version.version}",
+        "alias": registry.CHAMPION if is_champion else None,
+        "promoted": False,
+        "unchanged": True,
+        "champion_before": int(champ.version) if champ is not None else None,
+        "reasons": [reason],
+    }
+    summary = f"{cfg.model_name} v{version.version} unchanged (already registered)"
+    return _publish(decision, cfg, summary, tags)
 
 
 def _publish(decision: dict, cfg: RegisterConfig, summary: str, tags=None) -> ArtifactRef:

@@ -142,6 +142,14 @@ def test_gate_rejects_regression_and_promotes_improvement(home):
     assert client.get_model_version_by_alias(NAME, "challenger").version == 2
     assert client.get_model_version(NAME, 2).tags["instructflow.gate.decision"] == "rejected"
 
+    # A re-run from the same artifacts (an unchanged nightly run) adds no version.
+    again = json.loads(
+        register(train, make_report(**worse), base, cfg).file("decision.json").read_text()
+    )
+    assert again["unchanged"] is True and again["version"] == 2 and again["alias"] is None
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 2
+    assert client.get_model_version_by_alias(NAME, "champion").version == 1
+
     better = {**good, "perplexity": 5.1, "rougeL": 0.41}  # +2% perplexity is within 5%
     third = json.loads(
         register(train, make_report(**better), base, cfg).file("decision.json").read_text()
