@@ -53,24 +53,13 @@ def bpe4k_model(rows: list[dict], folder: Path) -> str:
     """A ~7M Llama: the builtin architecture with a 4,096-token byte-level BPE trained on
     Alpaca rows outside the benchmark's sample (the builtin tokenizer is trained on the demo
     tasks and stops at 994 tokens, so English text takes ~1.7x as many tokens as here)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from instructflow import templates
-    from tasks.base_model import TINY_ARCH, build_bpe_tokenizer
+    from tasks.base_model import build_bpe_tokenizer, build_builtin_model
 
     no_tok = SimpleNamespace(eos_token="")  # rendering needs only the EOS text
     corpus = ["".join(t for t, _ in templates.segments(r, "alpaca", no_tok)) for r in rows]
     tok = build_bpe_tokenizer(corpus, 4096)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **TINY_ARCH,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(folder), safe_serialization=True)
+    build_builtin_model(tok).save_pretrained(str(folder), safe_serialization=True)
     tok.save_pretrained(str(folder))
     return str(folder)
 

@@ -92,20 +92,11 @@ class FastBPE:
         return self.encoding.encode_to_numpy(text, allowed_special=self.allowed)
 
 
-_cache: dict[int, tuple[Any, FastBPE | None]] = {}
-
-
+@functools.lru_cache(maxsize=4)
 def for_backend(backend) -> FastBPE | None:
     """A FastBPE equivalent to this `tokenizers.Tokenizer`, or None when it has no such twin.
-    (Kept per backend object: building the rank table of a 128K vocabulary takes a while.)"""
-    hit = _cache.get(id(backend))
-    if hit is not None and hit[0] is backend:
-        return hit[1]
-    fast = _build(backend)
-    if len(_cache) >= 4:
-        _cache.clear()
-    _cache[id(backend)] = (backend, fast)  # the reference keeps id() from being reused
-    return fast
+    (Cached per backend object: building the rank table of a 128K vocabulary takes a while.)"""
+    return _build(backend)
 
 
 def _build(backend) -> FastBPE | None:

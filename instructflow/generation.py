@@ -9,6 +9,7 @@ batches and keeps only running sums, never the logits of the whole set.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -208,22 +209,6 @@ def _trim(state: dict[str, Any]) -> None:
 _STATE = ("cache", "attn", "next_pos", "logits")
 
 
-def _prefix_key(tokens: list[int], n_shared: int) -> tuple[int, ...]:
-    return tuple(tokens[:n_shared])
-
-
-def _by_prefix(rows: list[int], encoded: list[list[int]], prefix_lens: list[int]):
-    """`rows` split into runs that share one prefix (the queue is ordered by prefix already)."""
-    groups: list[tuple[tuple[int, ...], list[int]]] = []
-    for i in rows:
-        key = _prefix_key(encoded[i], prefix_lens[i])
-        if groups and groups[-1][0] == key:
-            groups[-1][1].append(i)
-        else:
-            groups.append((key, [i]))
-    return groups
-
-
 @torch.inference_mode()
 def _decode(
     model,
@@ -239,7 +224,7 @@ def _decode(
     gen: torch.Generator | None,
     tail_hit: Callable[[list[list[int]]], list[bool]] | None,
     progress: Progress | None,
-    prefix_lens: list[int],
+    prefix_keys: list[tuple[int, ...]],
 ) -> dict[int, list[int]]:
     """Continuous batching over a KV cache: finished rows leave the batch at once and queued
     prompts are prefilled into the freed slots, so every decode step runs a full batch.
@@ -259,8 +244,9 @@ def _decode(
             take, queue = queue[:free], queue[free:]
             parts = [tuple(state[k] for k in _STATE)] if live else []
             if splice:
-                by_key = sorted(take, key=lambda i: _prefix_key(encoded[i], prefix_lens[i]))
-                for key, group in _by_prefix(by_key, encoded, prefix_lens):
+                by_key = sorted(take, key=prefix_keys.__getitem__)
+                for key, rows_of_key in itertools.groupby(by_key, key=prefix_keys.__getitem__):
+                    group = list(rows_of_key)
                     if key and key not in prefixes:
                         prefixes[key] = _prefix_kv(model, list(key))
                     # Small length-sorted chunks: a wide prefill pads every row to its longest.
@@ -348,7 +334,8 @@ def generate(
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     was_training = model.training
     model.eval()
-    prefix_lens = shared_prefixes(encoded) if share_prefix else [0] * len(encoded)
+    shared = shared_prefixes(encoded) if share_prefix else [0] * len(encoded)
+    prefix_keys = [tuple(p[:n]) for p, n in zip(encoded, shared, strict=True)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     texts: list[Any] = [""] * len(encoded)
     ends = [*stops, *stop_tokens, tokenizer.eos_token or ""]
@@ -367,7 +354,7 @@ def generate(
             gen=gen,
             tail_hit=tail_hit,
             progress=progress,
-            prefix_lens=prefix_lens,
+            prefix_keys=prefix_keys,
         )
         decoded = tokenizer.batch_decode([outs[i] for i in order], skip_special_tokens=False)
         for i, text in zip(order, decoded, strict=True):

@@ -154,15 +154,8 @@ def register(
     finally:
         if own_run:
             mlflow.end_run()
-    decision = {
-        "model_name": cfg.model_name,
-        "version": int(version),
-        "model_uri": f"models:/{cfg.model_name}/{version}",
-        "alias": registry.CHAMPION if promoted else registry.CHALLENGER,
-        "promoted": promoted,
-        "champion_before": int(champ.version) if champ is not None else None,
-        "reasons": reasons,
-    }
+    alias = registry.CHAMPION if promoted else registry.CHALLENGER
+    decision = _decision(cfg, version, alias, promoted, champ, reasons)
     summary = f"{cfg.model_name} v{version} {verdict}" + (" -> champion" if promoted else "")
     return _publish(decision, cfg, summary, gate_tags)
 
@@ -199,18 +192,23 @@ def _unchanged(client, cfg: RegisterConfig, run_id: str, version) -> ArtifactRef
     tags = {registry.DECISION_TAG: "unchanged", registry.REASONS_TAG: reason}
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
-    decision = {
-        "model_name": cfg.model_name,
-        "version": int(version.version),
-        "model_uri": f"models:/{cfg.model_name}/{version.version}",
-        "alias": registry.CHAMPION if is_champion else None,
-        "promoted": False,
-        "unchanged": True,
-        "champion_before": int(champ.version) if champ is not None else None,
-        "reasons": [reason],
-    }
+    alias = registry.CHAMPION if is_champion else None
+    decision = _decision(cfg, version.version, alias, False, champ, [reason], unchanged=True)
     summary = f"{cfg.model_name} v{version.version} unchanged (already registered)"
     return _publish(decision, cfg, summary, tags)
+
+
+def _decision(cfg: RegisterConfig, version, alias, promoted: bool, champ, reasons, **extra):
+    return {
+        "model_name": cfg.model_name,
+        "version": int(version),
+        "model_uri": f"models:/{cfg.model_name}/{version}",
+        "alias": alias,
+        "promoted": promoted,
+        **extra,
+        "champion_before": int(champ.version) if champ is not None else None,
+        "reasons": reasons,
+    }
 
 
 def _publish(decision: dict, cfg: RegisterConfig, summary: str, tags=None) -> ArtifactRef:

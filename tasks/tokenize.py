@@ -122,25 +122,28 @@ def encode_segments(
 
 def _encode_distinct(backend, texts: list[str], fast) -> tuple[np.ndarray, np.ndarray, str]:
     """(concatenated ids, ids per text, engine) of `texts`."""
-    if fast is not None and texts:
-        try:
-            flat, seg_len = fast.encode(texts)
-        except ValueError:  # a text holds the chunk separator
-            flat = None
-        if flat is not None:
-            sample = np.unique(np.linspace(0, len(texts) - 1, min(CHECK_ROWS, len(texts))))
-            sample = sample.astype(np.int64)
-            want = encode_batch(backend, [texts[i] for i in sample])
-            starts = np.concatenate([[0], np.cumsum(seg_len)])
-            if all(
-                flat[starts[i] : starts[i + 1]].tolist() == w
-                for i, w in zip(sample, want, strict=True)
-            ):
-                return flat, seg_len, "tiktoken"
+    verified = _fast_if_verified(backend, texts, fast) if fast is not None and texts else None
+    if verified is not None:
+        return (*verified, "tiktoken")
     ids = encode_batch(backend, texts)
     seg_len = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(seg_len.sum()))
     return flat, seg_len, "tokenizers"
+
+
+def _fast_if_verified(backend, texts: list[str], fast) -> tuple[np.ndarray, np.ndarray] | None:
+    """`fast`'s (ids, lengths) if they equal the backend's on a spread-out sample, else None."""
+    try:
+        flat, seg_len = fast.encode(texts)
+    except ValueError:  # a text holds the chunk separator
+        return None
+    sample = np.unique(np.linspace(0, len(texts) - 1, min(CHECK_ROWS, len(texts))).astype(int))
+    want = encode_batch(backend, [texts[i] for i in sample])
+    starts = np.concatenate([[0], np.cumsum(seg_len)])
+    same = all(
+        flat[starts[i] : starts[i + 1]].tolist() == w for i, w in zip(sample, want, strict=True)
+    )
+    return (flat, seg_len) if same else None
 
 
 def encode_offsets(
