@@ -6,9 +6,11 @@ Baseline ("per-example", as in a plain PyTorch Dataset): one tokenizer call per 
 whole prompt+response text, padded to max_length, labels from that call's character offsets
 (-100 on prompt and padding), stored as int64 tensors [rows, max_length] with torch.save.
 Ours: tasks.tokenize.encode_rows (distinct segments tokenised once in a batched call, ids
-concatenated per row) + save_to_disk (int32 lists, no padding). Same tokenizer (builtin:tiny),
-same rows, same process; each side runs `--repeats` times alternately and the best time counts
-(other jobs share this machine). Asserts identical input_ids and labels (unpadded).
+concatenated per row) + save_to_disk (int32 lists, no padding). Same tokenizer (a 4,096-token
+GPT-2-style BPE, bench/bench_model.py, trained on the LLaMA-Factory and LLMs-from-scratch demo
+rows, not on the measured ones), same rows, same process; each side runs `--repeats` times
+alternately and the best time counts (other jobs share this machine). Asserts identical
+input_ids and labels (unpadded).
 Writes bench/results/data_stages.md.
 """
 
@@ -28,6 +30,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "stanford_alpaca_subsets"
 FILES = ("random_9k.json", "cherry_alpaca_5_percent.json")
+OTHER = (
+    ROOT.parent / "shared" / "datasets" / "llamafactory_demo" / "alpaca_en_demo.json",
+    ROOT.parent / "shared" / "datasets" / "llms_from_scratch_ch07" / "instruction-data.json",
+)
+TOKENIZER = "4,096-token GPT-2-style BPE trained on other demo rows (bench/bench_model.py)"
+
+
+def bench_tokenizer():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_model
+
+    corpus = []
+    for path in OTHER:
+        for r in json.loads(path.read_text(encoding="utf-8")):
+            fields = ("instruction", "input", "output")
+            corpus.append("\n".join(str(r.get(k) or "") for k in fields))
+    return bench_model.gpt2_style_bpe(corpus)
 
 
 def canonical_rows() -> list[dict]:
@@ -137,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from instructflow import workspace
 
     workspace.configure()
-    from instructflow.config import ModelConfig
-    from tasks.base_model import load_tokenizer, prepare_tokenizer
-
-    tok = load_tokenizer(prepare_tokenizer(ModelConfig(name_or_path="builtin:tiny")))
+    tok = bench_tokenizer()
     rows = canonical_rows()
     _warm_up(rows[:200], tok, args)
     times: dict[str, list[float]] = {"per-example": [], "ours": []}
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     base = best["per-example"]
     lines = [
         f"Tokenize, {n} Stanford Alpaca rows (both files), template `{args.template}`, "
-        f"max_length {args.max_length}, tokenizer builtin:tiny; best of {args.repeats} "
+        f"max_length {args.max_length}, tokenizer {TOKENIZER}; best of {args.repeats} "
         f"(median in brackets); {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs shared with other jobs.",
         "",

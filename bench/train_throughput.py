@@ -7,7 +7,8 @@
     `--batch` examples a step.
 (c) TRL SFTTrainer with its default packing (packing=True: best-fit-decreasing into
     max_length-1024 rows, padding-free), `--trl-batch` packed rows a step.
-All: builtin:tiny (Llama-style, ~5M parameters) + LoRA r16/alpha32 on all linear layers, fp32
+All: the benchmarks' ~7M Llama (bench/bench_model.py; `--model builtin` for builtin:tiny) + LoRA
+r16/alpha32 on all linear layers, fp32
 on CPU, AdamW lr 2e-4, cosine, seed 42; data: `--examples` rows of Stanford Alpaca (random_9k,
 seeded sample) rendered with the alpaca template and tokenised by the tokenize stage
 (`tasks.tokenize.encode_rows`, max_length 512).
@@ -30,10 +31,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_model  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "datasets" / "stanford_alpaca_subsets" / "random_9k.json"
 WAYS = {
     "a": "(a) lecture: pad to 512, fixed batch",
@@ -41,29 +44,14 @@ WAYS = {
     "c": "(c) TRL SFTTrainer, default packing",
 }
 MODELS = {
-    "builtin": "builtin:tiny, 5.2M parameters, 994-token vocabulary",
-    "alpaca-bpe-4k": "builtin:tiny's architecture with a 4,096-token BPE, 6.8M parameters",
+    "builtin": "builtin:tiny, the pre-trained 1.3M model, 2,048-token vocabulary",
+    "alpaca-bpe-4k": "the benchmarks' ~7M Llama (bench/bench_model.py), 4,096-token BPE",
 }
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 MAX_LENGTH = 512
 
 
 # -- parent: data, subprocesses, table ---------------------------------------------------------
-def bpe4k_model(rows: list[dict], folder: Path) -> str:
-    """A ~7M Llama: the builtin architecture with a 4,096-token byte-level BPE trained on
-    Alpaca rows outside the benchmark's sample (the builtin tokenizer is trained on the demo
-    tasks and stops at 994 tokens, so English text takes ~1.7x as many tokens as here)."""
-    from instructflow import templates
-    from tasks.base_model import build_bpe_tokenizer, build_builtin_model
-
-    no_tok = SimpleNamespace(eos_token="")  # rendering needs only the EOS text
-    corpus = ["".join(t for t, _ in templates.segments(r, "alpaca", no_tok)) for r in rows]
-    tok = build_bpe_tokenizer(corpus, 4096)
-    build_builtin_model(tok).save_pretrained(str(folder), safe_serialization=True)
-    tok.save_pretrained(str(folder))
-    return str(folder)
-
-
 def prepare(n: int, model: str, home: Path) -> dict:
     from instructflow.artifacts import write_artifact
     from instructflow.config import ModelConfig, TokenizeConfig
@@ -76,7 +64,8 @@ def prepare(n: int, model: str, home: Path) -> dict:
     model_cfg = ModelConfig()
     if model == "alpaca-bpe-4k":
         rest = [r for i, r in enumerate(everything) if i not in set(picked)]
-        model_cfg = ModelConfig(name_or_path=bpe4k_model(rest, home / "alpaca-bpe-4k"))
+        folder = bench_model.alpaca_bpe_4k(rest, home / "alpaca-bpe-4k")
+        model_cfg = ModelConfig(name_or_path=folder)
     tok_ref = prepare_tokenizer(model_cfg)
     base = prepare_base_model(model_cfg, tok_ref)
     tok = load_tokenizer(tok_ref)

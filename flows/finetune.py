@@ -1,7 +1,7 @@
 """The fine-tuning DAG. Wiring only: each stage lives in tasks/<stage>.py.
 
 download -> validate -> augment -> split -> tokenize -> train -> evaluate -> register
-                           base model + tokenizer (helpers) --^--------^
+                               tokenizer (helper) --^  base model (helper) --^--------^
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def finetune(
         augmented = run.stage(augment_task, clean, cfg.augment)
         splits = run.stage(split_task, augmented, cfg.split)
         tokenizer = run.helper(tokenizer_task, cfg.model)
-        base = run.helper(base_model_task, cfg.model, tokenizer)
         tokenized = run.stage(tokenize_task, splits, tokenizer, cfg.tokenize)
+        base = run.helper(base_model_task, cfg.model, tokenizer)
         model = run.stage(train_task, tokenized, base, tokenizer, cfg.train)
         report = run.stage(
             evaluate_task, splits, model, base, cfg.tokenize, cfg.evaluate, cfg.judge

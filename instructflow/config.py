@@ -29,7 +29,8 @@ class DataConfig(Section):
     sha256: str | None = Field(default=None, description="pin for URL sources")
     timeout_s: float = Field(default=60.0, gt=0)
     max_bytes: int = Field(default=2_000_000_000, gt=0, description="size cap for URL sources")
-    demo_rows: int = Field(default=600, ge=10, description="rows of the builtin demo dataset")
+    # Rows of the builtin demo dataset (null: all of them, 400).
+    demo_rows: int | None = Field(default=None, ge=10)
     demo_seed: int = 0
 
 
@@ -152,6 +153,9 @@ class EvaluateConfig(Section):
     seed: int = 0
     stop_strings: list[str] = Field(default_factory=list)
     compare_base: bool = True
+    # Exact match / ROUGE-L per value of this row column too (metrics em.<value>[_base]);
+    # null or a column no row has: off.
+    group_by: str | None = "meta.task"
 
 
 class JudgeConfig(Section):

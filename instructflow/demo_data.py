@@ -1,72 +1,53 @@
-"""The project's own demo dataset: generated tasks with checkable answers.
+"""The project's own demo dataset: instructions that ask for the facts the built-in model was
+pre-trained on (instructflow.builtin.world), in Alpaca form (instruction / input / output).
 
-Short, regular tasks (reverse, sort, add, uppercase, count) that a ~7M-parameter model can
-visibly learn on a CPU in minutes, in Alpaca form. Deterministic for a given seed.
+One row per fact: 400 rows over four tasks (capital, opposite, plural, uppercase); an opposite
+pair is asked one way only, so its reverse can't sit in another split. Each row asks in one of
+its task's phrasings (seeded), and carries `task` and `subject` (both land in `meta`). Every
+answer is specific to its subject: no constant answer and no copy of the input is right.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 
-WORDS = (
-    "apple river stone cloud maple tiger piano orange silver garden rocket lemon window "
-    "forest candle marble pepper violet harbor meadow falcon copper summer winter"
-).split()
+from instructflow.builtin import world
 
 
-def _reverse(rng: random.Random) -> dict[str, str]:
-    words = rng.sample(WORDS, rng.randint(2, 4))
+class DemoDataError(ValueError):
+    pass
+
+
+def size() -> int:
+    return sum(len(facts) for facts in world.FACTS.values())
+
+
+def _row(relation: str, subject: str, answer: str, rng: random.Random) -> dict[str, str]:
+    ask = rng.choice(world.ASKS[relation])
     return {
-        "instruction": "Reverse the order of the words.",
-        "input": " ".join(words),
-        "output": " ".join(reversed(words)),
+        "instruction": ask.instruction.format(a=subject),
+        "input": ask.input.format(a=subject),
+        "output": answer,
+        "task": relation,
+        "subject": subject,
     }
 
 
-def _sort(rng: random.Random) -> dict[str, str]:
-    nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
-    return {
-        "instruction": "Sort the numbers in ascending order.",
-        "input": ", ".join(map(str, nums)),
-        "output": ", ".join(map(str, sorted(nums))),
-    }
-
-
-def _add(rng: random.Random) -> dict[str, str]:
-    a, b = rng.randint(0, 50), rng.randint(0, 50)
-    return {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
-
-
-def _upper(rng: random.Random) -> dict[str, str]:
-    words = rng.sample(WORDS, rng.randint(1, 3))
-    text = " ".join(words)
-    return {"instruction": "Convert the text to uppercase.", "input": text, "output": text.upper()}
-
-
-def _count(rng: random.Random) -> dict[str, str]:
-    word = rng.choice(WORDS)
-    return {
-        "instruction": f"How many letters are in the word '{word}'?",
-        "input": "",
-        "output": str(len(word)),
-    }
-
-
-GENERATORS = (_reverse, _sort, _add, _upper, _count)
-
-
-def generate(rows: int, seed: int = 0) -> list[dict[str, str]]:
+def generate(rows: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """`rows` rows (default: all), the tasks interleaved so any prefix is balanced."""
+    total = size()
+    if rows is not None and rows > total:
+        raise DemoDataError(f"data.demo_rows={rows}: builtin:demo has {total} rows")
     rng = random.Random(seed)
-    out: list[dict[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    attempts = 0
-    while len(out) < rows and attempts < rows * 50:
-        attempts += 1
-        row = rng.choice(GENERATORS)(rng)
-        key = (row["instruction"], row["input"])
-        if key in seen:
-            continue
-        seen.add(key)
-        row["task"] = row["instruction"].split()[0].lower()
-        out.append(row)
-    return out
+    per_task: list[list[dict[str, str]]] = []
+    for relation, facts in world.FACTS.items():
+        made = []
+        for a, b in facts:
+            if relation == "opposite" and rng.random() < 0.5:
+                a, b = b, a
+            made.append(_row(relation, a, b, rng))
+        rng.shuffle(made)
+        per_task.append(made)
+    out = [r for group in itertools.zip_longest(*per_task) for r in group if r is not None]
+    return out[:rows] if rows is not None else out

@@ -24,6 +24,8 @@ STAGES = [
     "evaluate",
     "register",
 ]
+# Helpers shown beside the stages (where they run), in the live view and the summary.
+SHOWN_HELPERS = {"base_model": "tokenize"}
 
 
 class StageFailed(RuntimeError):
@@ -47,6 +49,7 @@ class PipelineRun:
         self.config_path = config_path
         self.until = until
         self.stages: dict[str, dict[str, Any]] = {}
+        self.helpers: dict[str, dict[str, Any]] = {}
         self.metrics: dict[str, float] = {}
         self.mlflow_run_id: str | None = None
         self.flow_run_id: str | None = None
@@ -134,11 +137,42 @@ class PipelineRun:
         return ref
 
     def helper(self, task, *args: Any, **kwargs: Any) -> ArtifactRef:
-        """Run a supporting task (e.g. base-model preparation) that is not a DAG stage."""
-        state = task(*args, return_state=True, **kwargs)
+        """Run a supporting task that is not a DAG stage (the tokenizer, the base model).
+
+        It is shown and summarised like a stage when it reports a `stage_state` event (the
+        base model does: Completed when it pre-trained `builtin:tiny`, Cached when it loaded
+        it from the per-user cache); its Prefect cache is off, so it always runs."""
+        name = task.name
+        noted: dict[str, Any] = {}
+
+        def listen(event: str, payload: dict[str, Any]) -> None:
+            if event == "stage_state" and payload.get("stage") == name:
+                noted.update(payload)
+
+        progress.subscribe(listen)
+        progress.notify("stage_started", stage=name)
+        t0 = time.perf_counter()
+        try:
+            state = task(*args, return_state=True, **kwargs)
+        finally:
+            progress.unsubscribe(listen)
+        seconds = round(time.perf_counter() - t0, 3)
         if not state.is_completed():
-            raise StageFailed(task.name, _failure_reason(state))
-        return state.result()
+            reason = _failure_reason(state)
+            if noted:
+                self.helpers[name] = {"state": "Failed", "seconds": seconds, "error": reason}
+                progress.notify("stage_finished", stage=name, **self.helpers[name])
+            raise StageFailed(name, reason)
+        ref: ArtifactRef = state.result()
+        if noted:
+            self.helpers[name] = {
+                "state": noted["state"],
+                "seconds": seconds,
+                "artifact_digest": ref.digest,
+                "summary": noted.get("summary", ""),
+            }
+            progress.notify("stage_finished", stage=name, **self.helpers[name])
+        return ref
 
     def _check_disk(self, stage: str) -> None:
         floor = self.cfg.tracking.min_free_disk_mb
@@ -158,6 +192,7 @@ class PipelineRun:
             "mlflow_run_id": self.mlflow_run_id,
             "flow_run_id": self.flow_run_id,
             "stages": self.stages,
+            "helpers": self.helpers,
             "metrics": self.metrics,
         }
 

@@ -1,104 +1,38 @@
 """The base model and its tokenizer, as workspace artifacts (helpers of the DAG, not stages).
 
-`builtin:tiny` is a ~7M-parameter Llama-style model with a byte-level BPE tokenizer trained
-locally, both created deterministically, so the demo and the tests run offline. Any other
+`builtin:tiny` is the project's own pre-trained ~1.3M-parameter Llama-style model
+(instructflow.builtin: built once per user cache, deterministically, offline); its weights
+are copied into the artifact, so the workspace is self-contained. Any other
 `model.name_or_path` (hub id or local directory) is loaded with transformers; its tokenizer
 is saved into the workspace (its digest is the tokenizer identity in tokenize/train cache
 keys) and the weights are referenced (hub id + revision, or local path + content digest),
 not copied.
 
-Both tasks are uncached: they are cheap and must notice a changed model upstream; their
+Both tasks are uncached by Prefect: they must notice a changed model upstream, and the one
+expensive step (pre-training the built-in model) has its own per-user cache; their
 content-addressed outputs keep downstream cache keys stable when nothing changed.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
-from instructflow import demo_data
+from instructflow import progress
 from instructflow.artifacts import ArtifactRef, sha256_file, write_artifact
+from instructflow.builtin import model as builtin
 from instructflow.caching import stage_task
 from instructflow.config import ModelConfig
 
-BUILTIN_TINY = "builtin:tiny"
-EOS = "<|endoftext|>"
-PAD = "<|pad|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
-# ChatML: also the fallback chat template for tokenizers that ship none.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-TINY_ARCH = dict(
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=1024,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-)
-TINY_VOCAB = 4096
+BUILTIN_TINY = builtin.NAME
+CHATML_TEMPLATE = builtin.CHATML_TEMPLATE
 
 
 class ModelError(RuntimeError):
     pass
-
-
-def _builtin_corpus() -> list[str]:
-    """Text the builtin tokenizer learns merges from: demo tasks, prompt scaffolding, English."""
-    rows = demo_data.generate(2000, seed=123)
-    texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rows]
-    scaffold = (
-        "Below is an instruction that describes a task, paired with an input that provides "
-        "further context. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n\n### Input:\n\n### Response:\n"
-        "system user assistant Please Can you Could you Explain Describe Write Give List "
-        "the a an of to and in is that for it with as on be are this by what how why which "
-        "answer question summary sentence word words number numbers text example following"
-    )
-    digits = " ".join(str(i) for i in range(200))
-    return texts + [scaffold] * 20 + [digits] * 5
-
-
-def build_builtin_tokenizer():
-    return build_bpe_tokenizer(_builtin_corpus(), TINY_VOCAB)
-
-
-def build_bpe_tokenizer(corpus: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on `corpus`, with the builtin special tokens and
-    ChatML template (also used by the benchmarks for a tokenizer with a fuller vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOS,
-        pad_token=PAD,
-        bos_token=None,
-        unk_token=None,
-        additional_special_tokens=[IM_START, IM_END],
-        model_max_length=TINY_ARCH["max_position_embeddings"],
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    fast.padding_side = "right"
-    return fast
 
 
 def _load_hub_tokenizer(cfg: ModelConfig):
@@ -124,9 +58,8 @@ def _load_hub_tokenizer(cfg: ModelConfig):
 
 
 def prepare_tokenizer(cfg: ModelConfig) -> ArtifactRef:
-    tok = (
-        build_builtin_tokenizer() if cfg.name_or_path == BUILTIN_TINY else _load_hub_tokenizer(cfg)
-    )
+    builtin_tiny = cfg.name_or_path == BUILTIN_TINY
+    tok = builtin.build_tokenizer() if builtin_tiny else _load_hub_tokenizer(cfg)
 
     def write(tmp: Path) -> dict[str, Any]:
         tok.save_pretrained(str(tmp))
@@ -161,6 +94,8 @@ def _hub_revision(cfg: ModelConfig) -> str | None:
 
 
 def prepare_base_model(cfg: ModelConfig, tokenizer: ArtifactRef) -> ArtifactRef:
+    outcome = {"state": "Completed", "summary": ""}
+
     def write(tmp: Path) -> dict[str, Any]:
         info: dict[str, Any] = {
             "name_or_path": cfg.name_or_path,
@@ -170,44 +105,67 @@ def prepare_base_model(cfg: ModelConfig, tokenizer: ArtifactRef) -> ArtifactRef:
             "tokenizer_digest": tokenizer.digest,
         }
         if cfg.name_or_path == BUILTIN_TINY:
-            info["kind"] = "builtin"
-            info["weights"] = "weights"
-            model = build_builtin_model(load_tokenizer(tokenizer))
-            model.save_pretrained(str(tmp / "weights"), safe_serialization=True)
-            n_params = sum(p.numel() for p in model.parameters())
+            bundle, cached = _pretrained_builtin(tokenizer)
+            info.update(kind="builtin", weights="weights", pretrain=_pretrain_card(bundle))
+            shutil.copytree(bundle / "model", tmp / "weights")
+            n_params = info["pretrain"]["parameters"]
+            seconds = info["pretrain"]["seconds"]
+            how = "loaded from the cache (pretrained once in" if cached else "pretrained in"
+            summary = f"builtin:tiny {n_params / 1e6:.1f}M, {how} {seconds:.0f} s" + ")" * cached
+            outcome["state"] = "Cached" if cached else "Completed"
         elif Path(cfg.name_or_path).is_dir():
             local = Path(cfg.name_or_path).resolve()
             info.update(kind="local", name_or_path=str(local))
             info["content"] = _local_weights_digest(local)
-            n_params = None
+            n_params, summary = None, f"local {local}"
         else:
             info.update(kind="hub", revision=_hub_revision(cfg))
-            n_params = None
+            n_params, summary = None, f"hub {cfg.name_or_path}"
         (tmp / "model.json").write_text(json.dumps(info, indent=1, sort_keys=True))
         meta: dict[str, Any] = {
             "params": {"kind": info["kind"], "name_or_path": info["name_or_path"]},
-            "summary": f"{info['kind']} {cfg.name_or_path}",
+            "summary": summary,
         }
         if n_params:
             meta["metrics"] = {"parameters": n_params}
+        if info.get("pretrain"):
+            meta["metrics"].update(
+                {f"probe_{k}": v for k, v in info["pretrain"]["probe"].items()},
+                pretrain_seconds=info["pretrain"]["seconds"],
+            )
+        outcome["summary"] = summary
         return meta
 
-    return write_artifact("base_model", write)
+    ref = write_artifact("base_model", write)
+    # The manifest's summary is the first publisher's; this run's own outcome goes out here.
+    progress.notify("stage_state", stage="base_model", **outcome)
+    return ref
 
 
-def build_builtin_model(tokenizer):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _pretrained_builtin(tokenizer: ArtifactRef) -> tuple[Path, bool]:
+    """The pre-trained built-in model's bundle (built once per user cache), with progress."""
+    started = time.perf_counter()
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_ARCH,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    def report(step: int, total: int, loss: float | None) -> None:
+        elapsed = time.perf_counter() - started
+        eta = elapsed / step * (total - step) if step else 0.0
+        loss_txt = f", loss {loss:.3f}" if loss is not None else ""
+        progress.notify(
+            "stage_progress",
+            stage="base_model",
+            completed=step,
+            total=total,
+            message=f"pre-training builtin:tiny{loss_txt}, ETA {eta:.0f} s",
+        )
+
+    return builtin.ensure_pretrained(load_tokenizer(tokenizer), progress=report)
+
+
+def _pretrain_card(bundle: Path) -> dict[str, Any]:
+    """What model.json records about the pre-training (the recipe and what the base knows)."""
+    info = builtin.bundle_info(bundle)
+    keep = ("cache_key", "parameters", "seconds", "tokens", "final_loss", "probe", "recipe")
+    return {k: info[k] for k in keep if k in info}
 
 
 def model_info(ref: ArtifactRef) -> dict[str, Any]:

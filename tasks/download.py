@@ -15,6 +15,7 @@ from typing import Any
 
 from instructflow import demo_data
 from instructflow.artifacts import ArtifactRef, sha256_file, write_artifact
+from instructflow.builtin import world
 from instructflow.caching import stage_task
 from instructflow.config import DataConfig
 
@@ -176,7 +177,10 @@ def download(cfg: DataConfig) -> ArtifactRef:
         if kind == "builtin":
             if cfg.source != "builtin:demo":
                 raise DownloadError(f"{cfg.source}: unknown builtin dataset (try builtin:demo)")
-            rows = demo_data.generate(cfg.demo_rows, cfg.demo_seed)
+            try:
+                rows = demo_data.generate(cfg.demo_rows, cfg.demo_seed)
+            except demo_data.DemoDataError as exc:
+                raise DownloadError(str(exc)) from None
             with open(data / "demo.jsonl", "w", encoding="utf-8") as fh:
                 for row in rows:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -210,5 +214,5 @@ def data_files(ref: ArtifactRef) -> list[Path]:
 
 
 download_task = stage_task(
-    "download", code_deps=[demo_data], key_extra=lambda inputs: fingerprint(inputs["cfg"])
+    "download", code_deps=[demo_data, world], key_extra=lambda inputs: fingerprint(inputs["cfg"])
 )(download)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import string
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,6 +21,7 @@ from instructflow import generation, judge, judge_prompts, progress, templates
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
+from tasks.split import column
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -58,14 +60,82 @@ def text_metrics(hyps: list[str], refs: list[str]) -> tuple[dict[str, float], di
     metrics = {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score}
     for t in ROUGE_TYPES:
         metrics[t] = sum(s[t].fmeasure for s in rouge) / len(rouge)
-    metrics["exact_match"] = sum(
-        _norm(h) == _norm(r) for h, r in zip(hyps, refs, strict=True)
+    pairs = list(zip(hyps, refs, strict=True))
+    metrics["exact_match"] = sum(_ws(h) == _ws(r) for h, r in pairs) / len(refs)
+    metrics["exact_match_normalized"] = sum(
+        normalize_answer(h) == normalize_answer(r) for h, r in pairs
     ) / len(refs)
     return metrics, {"bleu": per_bleu, "rougeL": [s["rougeL"].fmeasure for s in rouge]}
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
+def _ws(text: str) -> str:
+    """Exact match compares texts with whitespace runs collapsed, nothing else: case and
+    punctuation count (an upper-case answer is not matched by copying the lower-case input)."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation (lower case, no punctuation, no a/an/the, single spaces),
+    for `exact_match_normalized`: credit for the right words in another case or punctuation."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def per_group(
+    rows: list[dict[str, Any]],
+    by: str,
+    outputs: dict[str, list[str]],
+    refs: list[str],
+) -> dict[str, dict[str, float]]:
+    """Exact match and ROUGE-L per value of the column `by` (e.g. meta.task), for each set of
+    outputs ({"": fine-tuned, "_base": base}); {} when no row has the column."""
+    keys = [column(r, by) for r in rows]
+    if not any(keys):
+        return {}
+    table: dict[str, dict[str, float]] = {}
+    for key in sorted(set(keys)):
+        idx = [i for i, k in enumerate(keys) if k == key]
+        entry: dict[str, float] = {"n": len(idx)}
+        for suffix, outs in outputs.items():
+            m, _ = text_metrics([outs[i] for i in idx], [refs[i] for i in idx])
+            entry[f"exact_match{suffix}"] = m["exact_match"]
+            entry[f"rougeL{suffix}"] = m["rougeL"]
+        table[key or "(none)"] = entry
+    return table
+
+
+def metric_key(value: str) -> str:
+    """A group value as a metric-name part (MLflow allows letters, digits, _ - . / space)."""
+    return re.sub(r"[^\w\-.]+", "_", value).strip("_")[:60] or "none"
+
+
+def showcase(
+    rows: list[dict[str, Any]], by: str | None, ft: list[str], base: list[str] | None, n: int = 3
+) -> list[dict[str, Any]]:
+    """`n` test rows to print side by side: the first row of each of the first `n` groups
+    (sorted), else the first `n` rows. Chosen by position, never by how well they came out."""
+    picks: list[int] = []
+    if by:
+        first: dict[str, int] = {}
+        for i, r in enumerate(rows):
+            first.setdefault(column(r, by), i)
+        picks = [first[k] for k in sorted(first) if k][:n]
+    picks = picks or list(range(min(n, len(rows))))
+    out = []
+    for i in picks:
+        r = rows[i]
+        out.append(
+            {
+                "group": column(r, by) if by else "",
+                "instruction": r.get("instruction", ""),
+                "input": r.get("input", ""),
+                "reference": templates.reference(r),
+                "finetuned": ft[i],
+                "base": base[i] if base is not None else None,
+            }
+        )
+    return out
 
 
 def scored_examples(rows, template: str, tok) -> list[tuple[list[int], list[int]]]:
@@ -182,6 +252,13 @@ def evaluate(
         auto_b, per_b = text_metrics(base_out, refs)
         metrics.update({f"{k}_base": v for k, v in auto_b.items()})
         columns.update(base_output=base_out, bleu_base=per_b["bleu"], rougeL_base=per_b["rougeL"])
+    outputs = {"": ft_out, **({"_base": base_out} if base_out is not None else {})}
+    groups = per_group(rows, cfg.group_by, outputs, refs) if cfg.group_by else {}
+    for key, entry in groups.items():
+        for suffix in outputs:
+            metrics[f"em.{metric_key(key)}{suffix}"] = entry[f"exact_match{suffix}"]
+    if groups:
+        columns["group"] = [column(r, cfg.group_by) for r in rows]
 
     items = [
         judge.Item(r.get("instruction", ""), r.get("input", ""), ref)
@@ -213,6 +290,8 @@ def evaluate(
     }
     report = {
         "metrics": metrics,
+        "groups": {"by": cfg.group_by, "table": groups},
+        "showcase": showcase(rows, cfg.group_by if groups else None, ft_out, base_out),
         "judge": {
             **params,
             "config": judge_cfg.model_dump(mode="json"),
@@ -225,10 +304,20 @@ def evaluate(
     def write(tmp: Path) -> dict[str, Any]:
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "examples.json").write_text(json.dumps(columns, indent=1, default=str))
+        tables = [{"file": "examples.json", "artifact_file": "evaluate/examples.json"}]
+        if groups:
+            by_group = {"group": list(groups)}
+            for field in next(iter(groups.values())):
+                by_group[field] = [entry[field] for entry in groups.values()]
+            (tmp / "groups.json").write_text(json.dumps(by_group, indent=1))
+            tables.append({"file": "groups.json", "artifact_file": "evaluate/groups.json"})
         plot_scores(columns, tmp / "scores.png")
         summary = f"ppl {metrics['perplexity']:.2f}"
         if "perplexity_base" in metrics:
             summary += f" (base {metrics['perplexity_base']:.2f})"
+        summary += f", EM {metrics['exact_match']:.2f}"
+        if "exact_match_base" in metrics:
+            summary += f" (base {metrics['exact_match_base']:.2f})"
         summary += f", ROUGE-L {metrics['rougeL']:.3f}"
         if "win_rate" in metrics:
             summary += f", win rate {metrics['win_rate']:.2f}"
@@ -238,7 +327,7 @@ def evaluate(
             "metrics": metrics,
             "params": params,
             "log_files": ["report.json", "scores.png"],
-            "tables": [{"file": "examples.json", "artifact_file": "evaluate/examples.json"}],
+            "tables": tables,
             "summary": summary,
         }
 

@@ -43,7 +43,8 @@ def prompt_text(row: dict[str, Any]) -> str:
     return f"{row.get('instruction', '')}\n{row.get('input', '')}"
 
 
-def _column(row: dict[str, Any], path: str) -> str:
+def column(row: dict[str, Any], path: str) -> str:
+    """A row's value at a dotted path (e.g. meta.task), as text; '' when absent."""
     value: Any = row
     for part in path.split("."):
         value = value.get(part) if isinstance(value, dict) else None
@@ -122,7 +123,7 @@ def split_rows(rows: list[dict[str, Any]], cfg: SplitConfig) -> tuple[dict[str, 
     if cfg.stratify_by:
         first: dict[str, str] = {}
         for r in rows:
-            first.setdefault(r.get("group") or r["id"], _column(r, cfg.stratify_by))
+            first.setdefault(r.get("group") or r["id"], column(r, cfg.stratify_by))
         strata = [first[g] for g in groups]
     where, stratified = assign_groups(groups, strata, cfg)
     out: dict[str, list] = {name: [] for name in SPLITS}
@@ -151,7 +152,7 @@ def split_rows(rows: list[dict[str, Any]], cfg: SplitConfig) -> tuple[dict[str, 
     }
     if cfg.stratify_by:
         report["strata"] = {
-            name: dict(Counter(_column(r, cfg.stratify_by) for r in out[name])) for name in SPLITS
+            name: dict(Counter(column(r, cfg.stratify_by) for r in out[name])) for name in SPLITS
         }
     return out, report
 

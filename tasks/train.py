@@ -181,7 +181,29 @@ def _load_model(base: ArtifactRef, cfg: TrainConfig, precision: str, local_rank:
     model = load_base_model(base, **kwargs)
     # A KV cache disables the packed-sequence mask (examples would attend to each other).
     model.config.use_cache = False
+    if cfg.method == "qlora":
+        keep_4bit_differentiable(model)
     return model
+
+
+def keep_4bit_differentiable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, Linear4bit converts its weight at the first forward in eval
+    mode without gradients (e.g. the Trainer's evaluation) and keeps it that way; that
+    layout's kernel (gemv_4bit) has no autograd formula, so afterwards no gradient flows
+    through the frozen layers: every LoRA matrix below the last layer stops learning while
+    the loss still moves (measured with bitsandbytes 0.50: input grad None, QLoRA stuck at
+    loss 2.6 where LoRA reached 0.04). Keeping the dequantize + matmul path costs nothing
+    measurable at these sizes.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _wrap_peft(model, cfg: TrainConfig):

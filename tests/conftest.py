@@ -2,7 +2,8 @@
 
 The environment is set before prefect/mlflow are imported: both read it on import. Prefect's
 own home (its ephemeral API database) is shared by the whole session, since starting the
-ephemeral server costs 8-22 s; artifacts, result records and the MLflow store are per test.
+ephemeral server costs 8-22 s; so is the per-user cache of the pre-trained built-in model;
+artifacts, result records and the MLflow store are per test.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ sys.path.insert(0, str(ROOT))
 
 _session_home = Path(tempfile.mkdtemp(prefix="instructflow-tests-"))
 os.environ["INSTRUCTFLOW_HOME"] = str(_session_home / "home")
+# The pre-trained builtin:tiny is built once per test session (the first test that needs it
+# pays ~2.5 min) and shared by every test and CLI subprocess; never the user's own cache, so
+# CI really builds it. INSTRUCTFLOW_TEST_CACHE reuses one across sessions while developing.
+os.environ["INSTRUCTFLOW_CACHE"] = os.environ.get(
+    "INSTRUCTFLOW_TEST_CACHE", str(_session_home / "cache")
+)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from instructflow import workspace  # noqa: E402

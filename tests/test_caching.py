@@ -38,9 +38,9 @@ def write_data(path, rows: int, seed: int = 0) -> None:
 
 def other_tokenizer_dir(tmp_path):
     """The builtin tokenizer with another chat template: a different tokenizer identity."""
-    from tasks.base_model import build_builtin_tokenizer
+    from instructflow.builtin.model import build_tokenizer
 
-    tok = build_builtin_tokenizer()
+    tok = build_tokenizer()
     tok.chat_template = tok.chat_template + "{# another revision #}"
     path = tmp_path / "other-model"
     tok.save_pretrained(str(path))

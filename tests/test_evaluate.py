@@ -179,8 +179,13 @@ def test_text_metrics_use_the_libraries():
     hyps, refs = ["the cat sat on the mat", "Hello"], ["the cat sat on a mat", "hello"]
     metrics, per = text_metrics(hyps, refs)
     assert metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
-    assert metrics["exact_match"] == 0.5
+    # Exact match is case-sensitive (whitespace collapsed only); the SQuAD-normalised twin
+    # ignores case, punctuation and articles.
+    assert metrics["exact_match"] == 0.0 and metrics["exact_match_normalized"] == 1.0
     assert 0 < metrics["rougeL"] < 1 and per["rougeL"][1] == 1.0  # lowercased by rouge-score
+    # Copying the lower-case input is no answer to an upper-case task.
+    copied, _ = text_metrics(["falcon tiger", " FALCON\n TIGER "], ["FALCON TIGER"] * 2)
+    assert copied["exact_match"] == 0.5
 
 
 def test_evaluate_stage_writes_the_contract_with_hf_judge(tiny):

@@ -25,9 +25,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    from tasks.base_model import build_builtin_tokenizer
+    from instructflow.builtin.model import build_tokenizer
 
-    return build_builtin_tokenizer()
+    return build_tokenizer()
 
 
 def hf_ids(tok, texts):

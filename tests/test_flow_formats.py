@@ -49,7 +49,7 @@ def test_flow_up_to_tokenize_on_each_format(case, home, shared_datasets, tmp_pat
     from datasets import load_from_disk
 
     from instructflow import templates
-    from tasks.base_model import build_builtin_tokenizer
+    from instructflow.builtin.model import build_tokenizer
 
     rel, template, multi_turn = CASES[case]
     data = first_rows(shared_datasets / rel, tmp_path, ROWS)
@@ -71,7 +71,7 @@ def test_flow_up_to_tokenize_on_each_format(case, home, shared_datasets, tmp_pat
 
     train = read_split(ref(home, "split", summary), "train")
     assert any(len(r["messages"]) > 2 for r in train) == multi_turn
-    tok = build_builtin_tokenizer()
+    tok = build_tokenizer()
     ds = load_from_disk(str(ref(home, "tokenize", summary).file("train")))
     assert len(ds) == metrics["tokenize.rows_train"]
     # The first training example ends with its trained end-of-turn token.

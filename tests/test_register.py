@@ -18,17 +18,13 @@ NAME = "reg-test"
 @pytest.fixture
 def local_base(home, tmp_path) -> tuple[ArtifactRef, ArtifactRef]:
     """A base model in a local folder (kind=local: the registry must reference, not copy it)."""
-    from tasks.base_model import (
-        build_builtin_model,
-        build_builtin_tokenizer,
-        prepare_base_model,
-        prepare_tokenizer,
-    )
+    from instructflow.builtin.model import build_model, build_tokenizer
+    from tasks.base_model import prepare_base_model, prepare_tokenizer
 
     folder = tmp_path / "my-base"
-    tok = build_builtin_tokenizer()
+    tok = build_tokenizer()
     tok.save_pretrained(str(folder))
-    build_builtin_model(tok).save_pretrained(str(folder), safe_serialization=True)
+    build_model(tok).save_pretrained(str(folder), safe_serialization=True)
     cfg = ModelConfig(name_or_path=str(folder))
     tok_ref = prepare_tokenizer(cfg)
     return tok_ref, prepare_base_model(cfg, tok_ref)

@@ -9,9 +9,9 @@ from instructflow import templates as T
 
 @pytest.fixture(scope="module")
 def tok():
-    from tasks.base_model import build_builtin_tokenizer
+    from instructflow.builtin.model import build_tokenizer
 
-    return build_builtin_tokenizer()
+    return build_tokenizer()
 
 
 def row(messages, **alpaca):

@@ -15,9 +15,9 @@ from tasks.tokenize import IGNORE, encode_rows, tokenize
 
 @pytest.fixture(scope="module")
 def tok():
-    from tasks.base_model import build_builtin_tokenizer
+    from instructflow.builtin.model import build_tokenizer
 
-    return build_builtin_tokenizer()
+    return build_tokenizer()
 
 
 def clean_rows(path, n: int | None = None) -> list[dict]:

@@ -194,6 +194,42 @@ def test_qlora_run_and_merged_model_agree(inputs):
     assert ref.file("merged/tokenizer.json").is_file()
 
 
+def test_qlora_gradients_reach_every_layer_after_an_eval_pass(inputs):
+    """An eval-mode forward (the Trainer's evaluation) must not freeze gradients below the
+    last layer: bitsandbytes' CPU repacking of 4-bit weights has no autograd formula."""
+    import bitsandbytes as bnb
+
+    from tasks.train import _load_model, _wrap_peft
+
+    _, base, _ = inputs
+    cfg = _cfg(method="qlora")
+    repacks = bnb.nn.Linear4bit(8, 8).support_avx512bf16_for_cpu  # bitsandbytes' default here
+
+    def lowest_lora_grad(fix: bool) -> torch.Tensor | None:
+        model = _load_model(base, cfg, "fp32", 0)
+        if not fix:  # undo keep_4bit_differentiable
+            for m in model.modules():
+                if isinstance(m, bnb.nn.Linear4bit):
+                    m.support_avx512bf16_for_cpu = repacks
+        model = _wrap_peft(model, cfg)
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        # lora_B: its gradient is (upstream gradient) x (A x), non-zero iff the loss's gradient
+        # reaches layer 0 (lora_A's is 0 at init, since B starts at 0).
+        lora_b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"]
+        return lora_b.weight.grad
+
+    grad = lowest_lora_grad(fix=True)
+    assert grad is not None and grad.abs().sum() > 0
+    if repacks:
+        broken = lowest_lora_grad(fix=False)
+        assert broken is None or broken.abs().sum() == 0  # what the fix prevents
+
+
 def test_bad_inputs_fail_in_one_line(inputs, tmp_path):
     tokenized, base, tok_ref = inputs
     with pytest.raises(TrainError, match=r"save_steps \(3\) must be a multiple"):
