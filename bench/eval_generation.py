@@ -3,11 +3,11 @@ batched generation (instructflow.generation.generate), same model, same prompts,
 
     python bench/eval_generation.py            # 200 prompts, 64 new tokens, ~5-10 min on 2 cores
 
-The model is the builtin tiny Llama with a LoRA adapter trained here for a few steps on the
-LLMs-from-scratch ch07 data (alpaca template), so answers end at EOS at varying lengths as a
-fine-tuned model's do. Test prompts are rows the adapter did not see. Greedy outputs of every
-batched variant are asserted identical to the per-example loop. Writes
-bench/results/eval_generation.md.
+The model is builtin:tiny (the pre-trained 1.3M Llama) with a LoRA adapter trained here for a
+few steps on the LLMs-from-scratch ch07 data (alpaca template), so answers end at EOS at
+varying lengths as a fine-tuned model's do. Test prompts are rows the adapter did not see.
+Greedy outputs of every batched variant are asserted identical to the per-example loop.
+Writes bench/results/eval_generation.md.
 """
 
 from __future__ import annotations
@@ -191,7 +191,8 @@ def main() -> int:
         f"--batch-sizes {args.batch_sizes} --threads {args.threads}"
         f"{' --loop-on-folded' if args.loop_on_folded else ''}`",
         "",
-        f"Model: builtin:tiny (~5M Llama) + LoRA r=16 trained {args.train_steps} steps on ch07; "
+        f"Model: builtin:tiny (the pre-trained 1.3M Llama) + LoRA r=16 trained {args.train_steps} "
+        "steps on ch07; "
         f"{len(prompts)} held-out ch07 prompts (alpaca), greedy, max {args.max_new_tokens} new "
         f"tokens. CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores. "
         "The evaluate stage folds the adapter into the weights, shares the prompts' common "
