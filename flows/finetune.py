@@ -38,7 +38,7 @@ def finetune(
         base = run.helper(base_model_task, cfg.model, tokenizer)
         model = run.stage(train_task, tokenized, base, tokenizer, cfg.train)
         report = run.stage(
-            evaluate_task, splits, model, base, cfg.tokenize, cfg.evaluate, cfg.judge
+            evaluate_task, splits, tokenized, model, base, cfg.tokenize, cfg.evaluate, cfg.judge
         )
         run.stage(register_task, model, report, base, cfg.register_)
     return run.summary()

@@ -128,6 +128,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from instructflow.config import ConfigError, load_config
 
     console = Console(stderr=False)
+    if not console.is_terminal:
+        # A log file or pipe: no wrapping at a guessed 80 columns (tables get room, lines stay
+        # whole, so a grep finds them).
+        console = Console(stderr=False, soft_wrap=True, width=200)
     config_path = args.config
     try:
         load_config(config_path, args.set)  # fail fast, before Prefect starts

@@ -174,11 +174,19 @@ class JudgeConfig(Section):
     max_examples: int | None = Field(default=None, ge=1)
     seed: int = 0
     bootstrap_samples: int = Field(default=1000, ge=10)
+    # Calibration before grading: test items whose reference is compared with an empty, a
+    # wrong and a corrupted answer; below min_calibration (share right) the judge is untrusted.
+    calibration_examples: int = Field(default=16, ge=1)
+    min_calibration: float = Field(default=0.8, ge=0, le=1)
+    # Above this share of failed units (verdicts with no usable reply) the judge is not used.
+    max_failure_rate: float = Field(default=0.2, ge=0, le=1)
 
 
 class RegisterConfig(Section):
     enabled: bool = True
     model_name: str = "instructflow-demo"
+    # A usable judge's pairwise win rate must have the LOWER bound of its 95 % bootstrap
+    # interval at or above this (vs the base model, or the champion when judged against it).
     min_win_rate: float = Field(default=0.5, ge=0, le=1)
     max_rougeL_drop: float = Field(default=0.02, ge=0)
     max_perplexity_increase: float = Field(default=0.05, ge=0, description="relative")

@@ -4,8 +4,11 @@ Backends: `openai` (any OpenAI-compatible /v1/chat/completions endpoint; the API
 from the environment variable NAMED by `judge.api_key_env` and lives only in the request
 header), `hf` (a local causal LM scored from next-token probabilities, so it cannot fail to
 parse) and `none`. Pairwise verdicts are taken in both orders; orders that disagree are a tie.
-An unparsable `openai` reply is retried once, then counted in `judge_failed`, never dropped.
-Replies are cached under `<workspace>/judge_cache/` by (prompt hash, judge model).
+Before grading, the judge is calibrated on answers of known quality (instructflow.calibration);
+an untrusted judge's figures are logged but flagged and never used by the gate. An unparsable
+`openai` reply is retried once; if it fails again the verdict is failed: counted (per unit,
+`judge_failed_single` / `judge_failed_pairs`, and as `judge_failure_rate`) and left out of
+the means. Replies are cached under `<workspace>/judge_cache/` by (prompt hash, judge model).
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class JudgeResult:
     metrics: dict[str, float] = field(default_factory=dict)
     columns: dict[str, list[Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    # Whether the gate may use these figures, and the one-line reason either way.
+    usable: bool = False
+    status: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)
 
 
 def public_url(url: str | None) -> str | None:
@@ -371,6 +378,39 @@ def _mean(verdicts: list[Verdict]) -> float | None:
     return sum(ok) / len(ok) if ok else None
 
 
+def length_controlled_win_rate(outcomes: Sequence[str], cand: Sequence[str], base: Sequence[str]):
+    """AlpacaEval 2's length control: regress the preference on the (squashed) length
+    difference and read the win rate where the lengths are equal.
+
+    Logistic regression of win (1) / loss (0) on tanh((len_c - len_b) / std) with an
+    intercept, a tie counting as half a win and half a loss; the result is sigmoid(intercept).
+    None when it cannot be fitted (fewer than two outcomes, or only one kind of outcome)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    pairs = [(o, len(c) - len(b)) for o, c, b in zip(outcomes, cand, base, strict=True)]
+    pairs = [(o, d) for o, d in pairs if o in ("win", "loss", "tie")]
+    if len(pairs) < 2 or len({o for o, _ in pairs} - {"tie"}) < 1:
+        return None
+    diffs = np.array([d for _, d in pairs], dtype=float)
+    scale = diffs.std() or 1.0
+    x, y, w = [], [], []
+    for (o, _), d in zip(pairs, diffs, strict=True):
+        feat = [np.tanh(d / scale)]
+        for label, weight in (
+            (1, {"win": 1.0, "tie": 0.5}.get(o, 0.0)),
+            (0, {"loss": 1.0, "tie": 0.5}.get(o, 0.0)),
+        ):
+            if weight:
+                x.append(feat)
+                y.append(label)
+                w.append(weight)
+    if len(set(y)) < 2:
+        return None
+    fit = LogisticRegression(C=1e6).fit(np.array(x), np.array(y), sample_weight=np.array(w))
+    return float(1.0 / (1.0 + np.exp(-fit.intercept_[0])))
+
+
 def run_judge(
     cfg: JudgeConfig,
     items: Sequence[Item],
@@ -378,7 +418,18 @@ def run_judge(
     baseline: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> JudgeResult:
-    """Judge `candidate` outputs (and `baseline` ones: the base model or the champion)."""
+    """Calibrate the judge, then judge `candidate` outputs (and `baseline` ones: the base
+    model or the champion).
+
+    Calibration (instructflow.calibration) runs first on a sanity set from `items`; below
+    `judge.min_calibration` the judge is untrusted. A failed verdict (no usable reply after a
+    retry) is counted per unit, single verdicts and pairs apart, and left out of the means and
+    the win rate; `judge_failure_rate` is failed units / judged units, and above
+    `judge.max_failure_rate` the judge's figures are not used either. `result.usable` and
+    `result.status` say whether and why; every figure is logged either way.
+    """
+    from instructflow import calibration
+
     result = JudgeResult()
     backend = make_backend(cfg)
     if backend is None:
@@ -386,22 +437,39 @@ def run_judge(
     n = min(len(items), cfg.max_examples or len(items))
     items, candidate = list(items[:n]), list(candidate[:n])
     baseline = list(baseline[:n]) if baseline is not None else None
-    failed = 0
+    failed_single = failed_pairs = units = 0
     try:
+        if progress:
+            progress("judge: calibrating on answers of known quality")
+        cal = calibration.calibrate(backend, items, cfg.mode, cfg.calibration_examples, cfg.seed)
+        result.calibration = {
+            "accuracy": cal.accuracy,
+            "position_consistency": cal.position_consistency,
+            "checks": cal.checks,
+            "failed": cal.failed,
+            "table": cal.table,
+        }
+        result.metrics["calibration_accuracy"] = cal.accuracy
+        if cal.position_consistency is not None:
+            result.metrics["position_consistency"] = cal.position_consistency
+        trusted = cal.trusted(cfg.min_calibration)
+        result.metrics["judge_trusted"] = float(trusted)
         if cfg.mode in ("single", "both"):
             if progress:
                 progress("judge: grading answers")
             ft = backend.single(items, candidate)
             result.columns["judge_score"] = [v.value for v in ft]
             result.columns["judge_rationale"] = [v.rationale for v in ft]
-            failed += sum(v.failed for v in ft)
+            failed_single += sum(v.failed for v in ft)
+            units += len(ft)
             result.failures += [v.rationale for v in ft if v.failed]
             if (m := _mean(ft)) is not None:
                 result.metrics["judge_score"] = m
             if baseline is not None:
                 base = backend.single(items, baseline)
                 result.columns["judge_score_base"] = [v.value for v in base]
-                failed += sum(v.failed for v in base)
+                failed_single += sum(v.failed for v in base)
+                units += len(base)
                 result.failures += [v.rationale for v in base if v.failed]
                 if (m := _mean(base)) is not None:
                     result.metrics["judge_score_base"] = m
@@ -412,7 +480,8 @@ def run_judge(
             second = backend.pairwise(items, baseline, candidate)
             outcomes = [combine_orders(x, y) for x, y in zip(first, second, strict=True)]
             result.columns["pairwise"] = outcomes
-            failed += outcomes.count("failed")
+            failed_pairs += outcomes.count("failed")
+            units += len(outcomes)
             result.failures += [v.rationale for v in first + second if v.failed]
             points = [{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "failed"]
             result.metrics.update(
@@ -425,9 +494,34 @@ def run_judge(
                 result.metrics.update(
                     win_rate=sum(points) / len(points), win_rate_low=low, win_rate_high=high
                 )
+                lc = length_controlled_win_rate(outcomes, candidate, baseline)
+                if lc is not None:
+                    result.metrics["win_rate_lc"] = lc
     finally:
         backend.close()
-    result.metrics["judge_failed"] = failed
+    rate = (failed_single + failed_pairs) / units if units else 0.0
+    result.metrics.update(
+        judge_failed_single=failed_single,
+        judge_failed_pairs=failed_pairs,
+        judge_failure_rate=rate,
+    )
+    if not trusted:
+        result.status = (
+            f"judge untrusted: calibration accuracy {cal.accuracy:.2f} < "
+            f"judge.min_calibration {cfg.min_calibration:.2f}"
+        )
+    elif rate > cfg.max_failure_rate:
+        result.status = (
+            f"judge not used: it failed on {rate:.0%} of its units > "
+            f"judge.max_failure_rate {cfg.max_failure_rate:.0%}"
+        )
+    else:
+        result.usable = True
+        result.status = f"judge trusted: calibration accuracy {cal.accuracy:.2f}"
     if result.failures:
-        log.warning("judge: %d verdict(s) failed; first: %s", failed, result.failures[0])
+        log.warning(
+            "judge: %d verdict(s) failed; first: %s",
+            failed_single + failed_pairs,
+            result.failures[0],
+        )
     return result

@@ -211,19 +211,22 @@ def gate(
     champion: dict[str, float] | None,
     cfg,
     same_split: bool = True,
+    judge: dict[str, Any] | None = None,
 ) -> tuple[bool, list[str]]:
-    """Promote or not, and why. Metrics: perplexity, rougeL, win_rate (+ *_base)."""
-    if champion is None:
-        return True, ["no champion yet: the first version becomes champion"]
+    """Promote or not, and why. Metrics: perplexity, rougeL, win_rate(+_low/_high), *_base;
+    `judge`: the evaluate report's judge section (usable?, status, pairwise opponent)."""
     reasons: list[str] = []
     ok = True
-    win = challenger.get("win_rate")
-    if win is None:
-        reasons.append("win rate: no pairwise judge result, rule skipped")
-    else:
-        passed = win >= cfg.min_win_rate
-        ok &= passed
-        reasons.append(f"win rate {win:.3f} {'>=' if passed else '<'} {cfg.min_win_rate}")
+    if champion is None:
+        reasons.append(
+            "no champion yet: the first version becomes champion unless a usable judge "
+            "rejects it (ROUGE-L and perplexity rules need a champion)"
+        )
+    passed, reason = _win_rate_rule(challenger, cfg, judge or {})
+    ok &= passed
+    reasons.append(reason)
+    if champion is None:
+        return ok, reasons
     new, old, how = _comparable(challenger, champion, "rougeL", same_split)
     if new is None or old is None:
         reasons.append("ROUGE-L: not measured on both, rule skipped")
@@ -247,6 +250,24 @@ def gate(
             f"{'<=' if passed else '>'} +{cfg.max_perplexity_increase:.1%}"
         )
     return ok, reasons
+
+
+def _win_rate_rule(metrics: dict[str, float], cfg, judge: dict[str, Any]) -> tuple[bool, str]:
+    """The judge rule: the 95 % bootstrap interval's LOWER bound of the pairwise win rate must
+    reach `register.min_win_rate` (not the point estimate), and only a usable judge counts."""
+    win, low, high = (metrics.get(k) for k in ("win_rate", "win_rate_low", "win_rate_high"))
+    if win is None or low is None:
+        return True, "win rate: no pairwise judge result, rule skipped"
+    if not judge.get("usable"):
+        status = judge.get("status") or "judge not calibrated"
+        return True, f"win rate {win:.3f}: {status}; rule skipped"
+    opponent = judge.get("pairwise_opponent", "base")
+    against = "the champion" if opponent == "champion" else "the base model"
+    passed = low >= cfg.min_win_rate
+    return passed, (
+        f"win rate vs {against} {win:.3f}, 95 % interval [{low:.3f}, {high:.3f}]: lower bound "
+        f"{'>=' if passed else '<'} {cfg.min_win_rate}"
+    )
 
 
 def _comparable(new: dict, old: dict, name: str, same_split: bool):

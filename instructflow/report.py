@@ -24,12 +24,16 @@ def load_report(digest: str) -> dict[str, Any] | None:
 
 
 def _clip(text: str | None, width: int) -> str:
+    """One line of at most `width` characters, escaped: data is never rich markup."""
+    from rich.markup import escape
+
     text = " ".join(str(text or "").split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def tables(report: dict[str, Any]) -> list[Any]:
     """Rich renderables: the headline table, the per-group table, the side-by-side examples."""
+    from rich.markup import escape
     from rich.table import Table
 
     metrics = report.get("metrics", {})
@@ -48,16 +52,19 @@ def tables(report: dict[str, Any]) -> list[Any]:
         cells = [fmt.format(metrics[f"{key}_base"])] if has_base else []
         head.add_row(label, *cells, fmt.format(metrics[key]))
     out.append(head)
+    line = judge_line(report)
+    if line:
+        out.append(line)
 
     groups = (report.get("groups") or {}).get("table") or {}
     if groups:
         by = report["groups"]["by"]
-        table = Table(title=f"exact match per {by}", title_justify="left")
+        table = Table(title=f"exact match per {escape(by)}", title_justify="left")
         for col in (by, "rows", *(["base"] if has_base else []), "fine-tuned"):
             table.add_column(col, justify="left" if col == by else "right")
         for key, entry in groups.items():
             base = [f"{entry['exact_match_base']:.2f}"] if has_base else []
-            table.add_row(key, str(int(entry["n"])), *base, f"{entry['exact_match']:.2f}")
+            table.add_row(escape(key), str(int(entry["n"])), *base, f"{entry['exact_match']:.2f}")
         out.append(table)
 
     examples = report.get("showcase") or []
@@ -66,12 +73,39 @@ def tables(report: dict[str, Any]) -> list[Any]:
         for col in ("prompt", "reference", *(["base"] if has_base else []), "fine-tuned"):
             table.add_column(col, overflow="fold")
         for ex in examples:
-            prompt = ex["instruction"] + (f" [{ex['input']}]" if ex.get("input") else "")
+            prompt = ex["instruction"] + (f" ({ex['input']})" if ex.get("input") else "")
             base = [_clip(repr(ex["base"]), 40)] if has_base else []
             tuned = _clip(repr(ex["finetuned"]), 40)
             table.add_row(_clip(prompt, 48), _clip(ex["reference"], 24), *base, tuned)
         out.append(table)
     return out
+
+
+def judge_line(report: dict[str, Any]) -> str | None:
+    """One line on the judge: its figures, and whether they are evidence (calibrated) or not."""
+    from rich.markup import escape
+
+    judge = report.get("judge") or {}
+    m = report.get("metrics", {})
+    if judge.get("judge_backend") in (None, "none"):
+        return None
+    figures = []
+    if "win_rate" in m:
+        against = judge.get("pairwise_opponent", "base")
+        low, high = m.get("win_rate_low", float("nan")), m.get("win_rate_high", float("nan"))
+        figures.append(f"win rate vs {against} {m['win_rate']:.2f} [{low:.2f}, {high:.2f}]")
+        if "win_rate_lc" in m:
+            figures.append(f"length-controlled {m['win_rate_lc']:.2f}")
+    if "judge_score" in m:
+        base = f" (base {m['judge_score_base']:.1f})" if "judge_score_base" in m else ""
+        figures.append(f"score {m['judge_score']:.1f}/10{base}")
+    who = escape(f"judge {judge.get('judge_model')}")
+    if judge.get("usable"):
+        return f"{who}: {escape(', '.join(figures))} — {escape(judge.get('status') or '')}"
+    return (
+        f"[bold yellow]{who}: NOT EVIDENCE[/] — {escape(judge.get('status') or '')}; its "
+        f"figures ({escape(', '.join(figures))}) are logged but not used by the gate"
+    )
 
 
 def print_evaluation(console, digest: str) -> None:

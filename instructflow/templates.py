@@ -129,18 +129,25 @@ def text(row: dict[str, Any], template: str, tokenizer) -> str:
 
 
 # -- alpaca -------------------------------------------------------------------------------
-def _alpaca(row: dict[str, Any], msgs: list[dict[str, str]], tokenizer) -> Segments:
-    system = " ".join(m["content"] for m in msgs if m["role"] == "system")
+def instruction_and_context(row: dict[str, Any]) -> tuple[str, str]:
+    """(what the final answer responds to, everything before it): a single-turn row's
+    instruction and input; for a conversation, the last user message and a transcript of the
+    earlier turns ("User: ..." / "Assistant: ..." lines). Alpaca renders these two, and the
+    judge and the per-example table show them, so a multi-turn answer is read in context."""
+    msgs = _messages(row)
     turns = [m for m in msgs if m["role"] != "system"]
     users = [m for m in turns if m["role"] == "user"]
     if len(turns) == 2 and len(users) == 1 and row.get("instruction"):
-        instruction = str(row["instruction"]).strip()
-        context = str(row.get("input") or "").strip()
-    else:
-        last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=None)
-        instruction = turns[last_user]["content"] if last_user is not None else ""
-        before = turns[:last_user] if last_user is not None else turns[:-1]
-        context = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in before)
+        return str(row["instruction"]).strip(), str(row.get("input") or "").strip()
+    last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=None)
+    instruction = turns[last_user]["content"] if last_user is not None else ""
+    before = turns[:last_user] if last_user is not None else turns[:-1]
+    return instruction, "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in before)
+
+
+def _alpaca(row: dict[str, Any], msgs: list[dict[str, str]], tokenizer) -> Segments:
+    system = " ".join(m["content"] for m in msgs if m["role"] == "system")
+    instruction, context = instruction_and_context(row)
     header = ALPACA_HEADER_INPUT if context else ALPACA_HEADER
     if system:
         header = system + "\n\n"

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
-import string
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,9 +19,8 @@ from instructflow import generation, judge, judge_prompts, progress, templates
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
-from tasks.split import column
-
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+from instructflow.metrics import metric_key, per_group, text_metrics
+from instructflow.rows import column
 
 
 class EvaluateError(RuntimeError):
@@ -46,68 +43,6 @@ def load_rows(splits: ArtifactRef, limit: int | None) -> list[dict[str, Any]]:
     if not rows:
         raise EvaluateError(f"{path}: the test split is empty (raise split.test)")
     return rows[:limit] if limit else rows
-
-
-# -- automatic metrics ------------------------------------------------------------------------
-def text_metrics(hyps: list[str], refs: list[str]) -> tuple[dict[str, float], dict[str, list]]:
-    """Corpus BLEU, mean ROUGE F1s, exact match; and per-example BLEU / ROUGE-L."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    rouge = [scorer.score(r, h) for h, r in zip(hyps, refs, strict=True)]
-    per_bleu = [sacrebleu.sentence_bleu(h, [r]).score for h, r in zip(hyps, refs, strict=True)]
-    metrics = {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score}
-    for t in ROUGE_TYPES:
-        metrics[t] = sum(s[t].fmeasure for s in rouge) / len(rouge)
-    pairs = list(zip(hyps, refs, strict=True))
-    metrics["exact_match"] = sum(_ws(h) == _ws(r) for h, r in pairs) / len(refs)
-    metrics["exact_match_normalized"] = sum(
-        normalize_answer(h) == normalize_answer(r) for h, r in pairs
-    ) / len(refs)
-    return metrics, {"bleu": per_bleu, "rougeL": [s["rougeL"].fmeasure for s in rouge]}
-
-
-def _ws(text: str) -> str:
-    """Exact match compares texts with whitespace runs collapsed, nothing else: case and
-    punctuation count (an upper-case answer is not matched by copying the lower-case input)."""
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation (lower case, no punctuation, no a/an/the, single spaces),
-    for `exact_match_normalized`: credit for the right words in another case or punctuation."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def per_group(
-    rows: list[dict[str, Any]],
-    by: str,
-    outputs: dict[str, list[str]],
-    refs: list[str],
-) -> dict[str, dict[str, float]]:
-    """Exact match and ROUGE-L per value of the column `by` (e.g. meta.task), for each set of
-    outputs ({"": fine-tuned, "_base": base}); {} when no row has the column."""
-    keys = [column(r, by) for r in rows]
-    if not any(keys):
-        return {}
-    table: dict[str, dict[str, float]] = {}
-    for key in sorted(set(keys)):
-        idx = [i for i, k in enumerate(keys) if k == key]
-        entry: dict[str, float] = {"n": len(idx)}
-        for suffix, outs in outputs.items():
-            m, _ = text_metrics([outs[i] for i in idx], [refs[i] for i in idx])
-            entry[f"exact_match{suffix}"] = m["exact_match"]
-            entry[f"rougeL{suffix}"] = m["rougeL"]
-        table[key or "(none)"] = entry
-    return table
-
-
-def metric_key(value: str) -> str:
-    """A group value as a metric-name part (MLflow allows letters, digits, _ - . / space)."""
-    return re.sub(r"[^\w\-.]+", "_", value).strip("_")[:60] or "none"
 
 
 def showcase(
@@ -138,24 +73,24 @@ def showcase(
     return out
 
 
-def scored_examples(rows, template: str, tok) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per row, labels only on the final response (+ its end of turn)."""
-    special = templates.add_special_tokens(template)
-    out = []
-    for row in rows:
-        prompt = templates.generation_prompt(row, template, tok)
-        pieces, seen = [], 0
-        for text, trainable in templates.segments(row, template, tok):
-            if seen >= len(prompt):
-                pieces.append((text, trainable))
-            seen += len(text)
-        out.append(generation.response_tokens(tok, prompt, pieces, special))
-    return out
+def scored_examples(tokenized: ArtifactRef, limit: int | None) -> list[tuple[list, list]]:
+    """(input_ids, labels) of the tokenize stage's test split, first `limit` rows: perplexity
+    scores exactly the ids and labels training uses, never a re-tokenisation (which differs
+    for SentencePiece-style tokenizers, where '▁The' is not the 'The' that training saw)."""
+    import datasets
+
+    path = tokenized.file("test")
+    if not path.is_dir():
+        raise EvaluateError(f"{tokenized.path}: tokenized artifact has no test split")
+    ds = datasets.load_from_disk(str(path))
+    part = ds[: min(limit, len(ds))] if limit else ds[:]
+    return list(zip(part["input_ids"], part["labels"], strict=True))
 
 
 # -- stage ------------------------------------------------------------------------------------
 def evaluate(
     splits: ArtifactRef,
+    tokenized: ArtifactRef,
     model: ArtifactRef,
     base: ArtifactRef,
     tokenize_cfg: TokenizeConfig,
@@ -170,10 +105,12 @@ def evaluate(
     from tasks.train import load_finetuned
 
     rows = load_rows(splits, cfg.max_examples)
+    scored = scored_examples(tokenized, cfg.max_examples)
     template = tokenize_cfg.template
     ft_model, tok = load_finetuned(model, base)
     prompts = [templates.generation_prompt(r, template, tok) for r in rows]
     refs = [templates.reference(r) for r in rows]
+    asked = [templates.instruction_and_context(r) for r in rows]
     stops = [*templates.stop_strings(template, tok), *cfg.stop_strings]
     eot = templates.end_of_turn_token(template, tok)
     total = 2 * len(rows) * (2 if cfg.compare_base else 1)
@@ -193,7 +130,7 @@ def evaluate(
     def run_model(m, label: str) -> tuple[float, int, list[str]]:
         ppl, n_tok = generation.perplexity(
             m,
-            scored_examples(rows, template, tok),
+            scored,
             pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
             batch_size=max(1, cfg.batch_size // 4),
             max_length=tokenize_cfg.max_length,
@@ -241,8 +178,9 @@ def evaluate(
     metrics.update(auto)
     columns: dict[str, list[Any]] = {
         "id": [r.get("id") for r in rows],
-        "instruction": [r.get("instruction", "") for r in rows],
-        "input": [r.get("input", "") for r in rows],
+        # For a conversation: the last user turn, and the earlier turns as a transcript.
+        "instruction": [ic[0] for ic in asked],
+        "input": [ic[1] for ic in asked],
         "reference": refs,
         "finetuned_output": ft_out,
         "bleu": per["bleu"],
@@ -260,10 +198,7 @@ def evaluate(
     if groups:
         columns["group"] = [column(r, cfg.group_by) for r in rows]
 
-    items = [
-        judge.Item(r.get("instruction", ""), r.get("input", ""), ref)
-        for r, ref in zip(rows, refs, strict=True)
-    ]
+    items = [judge.Item(i, c, ref) for (i, c), ref in zip(asked, refs, strict=True)]
     opponent, opponent_name = base_out, "base"
     champion = champion_outputs(rows) if champion_outputs else None
     if champion is not None:
@@ -276,6 +211,8 @@ def evaluate(
         progress=lambda m: progress.notify("stage_progress", stage="evaluate", message=m),
     )
     metrics.update(verdicts.metrics)
+    if verdicts.status and not verdicts.usable:
+        progress.notify("warning", stage="evaluate", message=verdicts.status)
     n_judged = len(next(iter(verdicts.columns.values()), []))
     for name, values in verdicts.columns.items():
         columns[name] = values + [None] * (len(rows) - n_judged)
@@ -294,6 +231,9 @@ def evaluate(
         "showcase": showcase(rows, cfg.group_by if groups else None, ft_out, base_out),
         "judge": {
             **params,
+            "usable": verdicts.usable,
+            "status": verdicts.status,
+            "calibration": {k: v for k, v in verdicts.calibration.items() if k != "table"},
             "config": judge_cfg.model_dump(mode="json"),
             "failures": verdicts.failures[:20],
         },
@@ -305,12 +245,14 @@ def evaluate(
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "examples.json").write_text(json.dumps(columns, indent=1, default=str))
         tables = [{"file": "examples.json", "artifact_file": "evaluate/examples.json"}]
-        if groups:
-            by_group = {"group": list(groups)}
-            for field in next(iter(groups.values())):
-                by_group[field] = [entry[field] for entry in groups.values()]
-            (tmp / "groups.json").write_text(json.dumps(by_group, indent=1))
-            tables.append({"file": "groups.json", "artifact_file": "evaluate/groups.json"})
+        extra = {
+            "groups.json": [{"group": key, **entry} for key, entry in groups.items()],
+            "judge_calibration.json": verdicts.calibration.get("table") or [],
+        }
+        for name, records in extra.items():
+            if records:
+                (tmp / name).write_text(json.dumps(as_columns(records), indent=1, default=str))
+                tables.append({"file": name, "artifact_file": f"evaluate/{name}"})
         plot_scores(columns, tmp / "scores.png")
         summary = f"ppl {metrics['perplexity']:.2f}"
         if "perplexity_base" in metrics:
@@ -321,8 +263,8 @@ def evaluate(
         summary += f", ROUGE-L {metrics['rougeL']:.3f}"
         if "win_rate" in metrics:
             summary += f", win rate {metrics['win_rate']:.2f}"
-        if metrics.get("judge_failed"):
-            summary += f", judge_failed {int(metrics['judge_failed'])}"
+            if not verdicts.usable:
+                summary += " (judge untrusted, not used)"
         return {
             "metrics": metrics,
             "params": params,
@@ -332,6 +274,12 @@ def evaluate(
         }
 
     return write_artifact("evaluate", write)
+
+
+def as_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Records -> {column: values} (the shape mlflow.log_table takes); missing cells None."""
+    keys = dict.fromkeys(k for r in records for k in r)
+    return {k: [r.get(k) for r in records] for k in keys}
 
 
 def plot_scores(columns: dict[str, list[Any]], path: Path) -> None:

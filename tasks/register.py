@@ -140,7 +140,7 @@ def register(
             champ = None
         champ_metrics = registry.version_metrics(champ) if champ is not None else None
         same = champ is None or champ.tags.get(registry.SPLIT_TAG, "") == split_digest
-        promoted, reasons = registry.gate(metrics, champ_metrics, cfg, same_split=same)
+        promoted, reasons = registry.gate(metrics, champ_metrics, cfg, same_split=same, judge=judge)
         if promoted:
             client.set_registered_model_alias(cfg.model_name, registry.CHAMPION, version)
         verdict = "promoted" if promoted else "rejected"

@@ -20,6 +20,7 @@ import numpy as np
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import SplitConfig
+from instructflow.rows import column
 from tasks.augment import read_jsonl, write_jsonl
 
 SPLITS = ("train", "validation", "test")
@@ -41,14 +42,6 @@ def prompt_text(row: dict[str, Any]) -> str:
     if msgs:
         return "\n".join(m["content"] for m in msgs[:-1])
     return f"{row.get('instruction', '')}\n{row.get('input', '')}"
-
-
-def column(row: dict[str, Any], path: str) -> str:
-    """A row's value at a dotted path (e.g. meta.task), as text; '' when absent."""
-    value: Any = row
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return "" if value is None else str(value)
 
 
 def _sizes(n_groups: int, cfg: SplitConfig) -> tuple[int, int]:

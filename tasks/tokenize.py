@@ -6,9 +6,12 @@ pieces appear once) are tokenised in ONE batched fast-tokenizer call, and each r
 the concatenation of its segments' ids; labels follow the segment flags. That equals
 tokenising the whole text when no BPE pre-token crosses a segment boundary, which holds for
 byte-level BPE tokenizers here because templates put boundaries next to newlines or special
-tokens. It is checked on a sample of rows; if any differs (e.g. a Metaspace/SentencePiece
-tokenizer, or a Llama-3-style regex that glues punctuation to following newlines), the stage
-uses the "offsets" path: one batched call over whole texts, labels from character offsets.
+tokens. It is checked on up to 256 rows spread over the whole split; if any differs (e.g. a
+Metaspace/SentencePiece tokenizer, or a Llama-3-style regex that glues punctuation to following
+newlines), the stage uses the "offsets" path: one batched call over whole texts, labels from
+character offsets. Labels, either way: a token is trained iff any of its characters belongs to
+a trainable segment, so a token straddling the prompt/answer boundary is trained
+(`boundary_labels`). The evaluate stage scores perplexity on exactly these ids and labels.
 Arrays go straight into pyarrow (int32 lists) and `datasets.Dataset.save_to_disk`.
 """
 
@@ -137,7 +140,7 @@ def _fast_if_verified(backend, texts: list[str], fast) -> tuple[np.ndarray, np.n
         flat, seg_len = fast.encode(texts)
     except ValueError:  # a text holds the chunk separator
         return None
-    sample = np.unique(np.linspace(0, len(texts) - 1, min(CHECK_ROWS, len(texts))).astype(int))
+    sample = spread_sample(len(texts))
     want = encode_batch(backend, [texts[i] for i in sample])
     starts = np.concatenate([[0], np.cumsum(seg_len)])
     same = all(
@@ -149,16 +152,14 @@ def _fast_if_verified(backend, texts: list[str], fast) -> tuple[np.ndarray, np.n
 def encode_offsets(
     backend, segs: list[templates.Segments], prefix: list[int], suffix: list[int]
 ) -> Encoded:
-    """Fallback: tokenise whole texts; a token is trainable if it starts in a trainable segment."""
+    """Fallback: tokenise whole texts; a token is trainable if any of its characters lies in
+    a trainable segment (see `boundary_labels`)."""
     texts = ["".join(t for t, _ in row) for row in segs]
     encs = backend.encode_batch(texts, add_special_tokens=False)
     values, trainable, lengths = [], [], []
     pre, post = np.zeros(len(prefix), dtype=bool), np.zeros(len(suffix), dtype=bool)
     for row, enc in zip(segs, encs, strict=True):
-        ends = np.cumsum([len(t) for t, _ in row])
-        flags = np.asarray([f for _, f in row] + [False], dtype=bool)
-        starts = np.asarray([a for a, _ in enc.offsets], dtype=np.int64)
-        mask = flags[np.searchsorted(ends, starts, side="right")]
+        mask = boundary_labels([(len(t), f) for t, f in row], enc.offsets)
         values.append(np.asarray(prefix + enc.ids + suffix, dtype=np.int32))
         trainable.append(np.concatenate([pre, mask, post]))
         lengths.append(len(values[-1]))
@@ -167,14 +168,39 @@ def encode_offsets(
     )
 
 
+def boundary_labels(pieces: list[tuple[int, bool]], offsets) -> np.ndarray:
+    """Which tokens are trained, given the text's (length, trainable) pieces and each token's
+    (start, end) character offsets.
+
+    The rule: a token is trained if ANY of its characters lies in a trainable piece. So a token
+    that straddles the prompt/answer boundary (a Metaspace/SentencePiece '▁The' whose space
+    comes from the prompt's newline, or a BPE merge of '\nThe') is trained: it carries answer
+    text, and leaving it out would drop the answer's first token from the loss.
+    """
+    ends = np.cumsum([n for n, _ in pieces])
+    flags = np.asarray([f for _, f in pieces] + [False], dtype=bool)
+    spans = np.asarray(list(offsets), dtype=np.int64).reshape(-1, 2)
+    first = np.searchsorted(ends, spans[:, 0], side="right")
+    # An empty span (e.g. an added special token) counts by where it starts.
+    last = np.searchsorted(ends, np.maximum(spans[:, 1] - 1, spans[:, 0]), side="right")
+    trained_before = np.concatenate([[0], np.cumsum(flags)])
+    return trained_before[last + 1] - trained_before[first] > 0
+
+
+def spread_sample(n: int, k: int = CHECK_ROWS) -> np.ndarray:
+    """Up to k row indices spread evenly over 0..n-1 (first and last included)."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).astype(np.int64)) if n else np.zeros(0, int)
+
+
 def segments_match(backend, segs: list[templates.Segments], enc: Encoded, affix: int) -> bool:
-    """Does concatenating segment ids equal tokenising the whole text, on a sample of rows?"""
-    n = min(CHECK_ROWS, len(segs))
-    whole = encode_batch(backend, ["".join(t for t, _ in segs[i]) for i in range(n)])
+    """Does concatenating segment ids equal tokenising the whole text, on rows spread over the
+    whole split?"""
+    sample = spread_sample(len(segs))
+    whole = encode_batch(backend, ["".join(t for t, _ in segs[i]) for i in sample])
     starts = np.concatenate([[0], np.cumsum(enc.lengths)])
-    for i in range(n):
-        got = enc.values[starts[i] + affix : starts[i + 1]][: len(whole[i])].tolist()
-        if got != whole[i] or enc.lengths[i] - affix < len(whole[i]):
+    for i, want in zip(sample, whole, strict=True):
+        got = enc.values[starts[i] + affix : starts[i + 1]][: len(want)].tolist()
+        if got != want or enc.lengths[i] - affix < len(want):
             return False
     return True
 

@@ -20,13 +20,34 @@ def canonical_rows(n: int, seed: int = 7) -> list[dict]:
 
 
 def make_splits(rows: list[dict]) -> ArtifactRef:
+    """A split artifact whose test (and, so that tokenize accepts it, train) split is `rows`."""
+
     def write(tmp: Path):
-        for name in ("train", "validation"):
-            (tmp / f"{name}.jsonl").write_text("")
-        (tmp / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        lines = "".join(json.dumps(r) + "\n" for r in rows)
+        (tmp / "train.jsonl").write_text(lines)
+        (tmp / "validation.jsonl").write_text("")
+        (tmp / "test.jsonl").write_text(lines)
         return {}
 
     return write_artifact("split", write)
+
+
+def make_tokenized(
+    splits: ArtifactRef, tok: ArtifactRef, template: str = "alpaca", max_length: int = 128
+) -> ArtifactRef:
+    """The real tokenize stage's artifact for `splits`."""
+    from instructflow.config import TokenizeConfig
+    from tasks.tokenize import tokenize
+
+    return tokenize(splits, tok, TokenizeConfig(template=template, max_length=max_length))
+
+
+def make_inputs(
+    rows: list[dict], tok: ArtifactRef, template: str = "alpaca", max_length: int = 128
+):
+    """(splits, tokenized) artifacts for evaluating on `rows`."""
+    splits = make_splits(rows)
+    return splits, make_tokenized(splits, tok, template, max_length)
 
 
 def make_base() -> tuple[ArtifactRef, ArtifactRef]:

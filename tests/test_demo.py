@@ -52,6 +52,9 @@ def test_demo_tuned_model_answers_held_out_questions_the_base_cannot(tmp_path):
     assert all(task in out for task in world.FACTS)
     assert "test prompts, answered by both models" in out
     assert "qlora" in out
+    # The demo's judge (the same tiny model) fails calibration: flagged, and the gate says so.
+    assert m["evaluate.judge_trusted"] == 0.0 and "NOT EVIDENCE" in out
+    assert "untrusted: calibration accuracy" in out
 
     # MLflow has the per-task figures and the tables.
     from mlflow.tracking import MlflowClient
@@ -62,3 +65,6 @@ def test_demo_tuned_model_answers_held_out_questions_the_base_cannot(tmp_path):
     assert run.data.params["train.method"] == "qlora"
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert {"evaluate/examples.json", "evaluate/groups.json"} <= logged
+    assert "evaluate/judge_calibration.json" in logged
+    reasons = run.data.tags["instructflow.gate.reasons"]
+    assert "judge untrusted" in reasons and "rule skipped" in reasons

@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from evaluate_fixtures import canonical_rows, make_base, make_splits, make_train
+from evaluate_fixtures import canonical_rows, make_base, make_inputs, make_train
 
 from instructflow import generation, templates
 from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
+from instructflow.metrics import text_metrics
 from tasks.base_model import load_base_model, load_tokenizer
-from tasks.evaluate import evaluate, scored_examples, text_metrics
+from tasks.evaluate import evaluate, scored_examples
 
 
 @pytest.fixture
@@ -125,16 +126,13 @@ def test_fold_adapter_merges_lora_into_plain_weights_with_the_same_outputs(tiny)
     assert isinstance(model, PeftModel)
     prompts = [templates.generation_prompt(r, "alpaca", tok) for r in canonical_rows(6)]
     before = generation.generate(model, tok, prompts, max_new_tokens=8)
-    ppl_before, _ = generation.perplexity(
-        model, scored_examples(canonical_rows(6), "alpaca", tok), pad_id=tok.pad_token_id
-    )
+    examples = scored_examples(make_inputs(canonical_rows(6), tok_ref)[1], None)
+    ppl_before, _ = generation.perplexity(model, examples, pad_id=tok.pad_token_id)
     folded = generation.fold_adapter(model)
     assert not isinstance(folded, PeftModel)
     assert not any("lora" in name for name, _ in folded.named_parameters())
     assert generation.generate(folded, tok, prompts, max_new_tokens=8) == before
-    ppl_after, _ = generation.perplexity(
-        folded, scored_examples(canonical_rows(6), "alpaca", tok), pad_id=tok.pad_token_id
-    )
+    ppl_after, _ = generation.perplexity(folded, examples, pad_id=tok.pad_token_id)
     assert ppl_after == pytest.approx(ppl_before, rel=1e-4)
     plain = load_base_model(base)
     assert generation.fold_adapter(plain) is plain
@@ -154,9 +152,9 @@ def test_generation_stops_at_stop_string_and_sampling_is_seeded(tiny):
 
 
 def test_perplexity_counts_only_response_tokens_and_is_token_weighted(tiny):
-    _, _, model, tok = tiny
+    tok_ref, _, model, tok = tiny
     rows = canonical_rows(5)
-    examples = scored_examples(rows, "alpaca", tok)
+    examples = scored_examples(make_inputs(rows, tok_ref)[1], None)
     for row, (ids, labels) in zip(rows, examples, strict=True):
         scored = tok.decode([t for t in labels if t != -100])
         assert scored == templates.reference(row) + tok.eos_token
@@ -192,7 +190,7 @@ def test_evaluate_stage_writes_the_contract_with_hf_judge(tiny):
     tok_ref, base, _, _ = tiny
     rows = canonical_rows(6)
     ref = evaluate(
-        make_splits(rows),
+        *make_inputs(rows, tok_ref),
         make_train(base, tok_ref),
         base,
         TokenizeConfig(max_length=128),
@@ -218,11 +216,19 @@ def test_evaluate_stage_writes_the_contract_with_hf_judge(tiny):
         "wins",
         "ties",
         "losses",
-        "judge_failed",
+        "judge_failed_single",
+        "judge_failed_pairs",
+        "judge_failure_rate",
+        "calibration_accuracy",
+        "position_consistency",
+        "judge_trusted",
     ):
         assert key in m, key
     assert m["perplexity"] != m["perplexity_base"]  # the adapter changes the model
-    assert m["wins"] + m["ties"] + m["losses"] == 4 and m["judge_failed"] == 0
+    assert m["wins"] + m["ties"] + m["losses"] == 4 and m["judge_failure_rate"] == 0
+    # builtin:tiny as a judge cannot tell a reference from an empty answer: untrusted.
+    assert m["judge_trusted"] == 0.0 and not report["judge"]["usable"]
+    assert "untrusted" in report["judge"]["status"]
     assert m["win_rate_low"] <= m["win_rate"] <= m["win_rate_high"]
     assert 1 <= m["judge_score"] <= 10
     table = json.loads(ref.file("examples.json").read_text())
@@ -240,12 +246,13 @@ def test_evaluate_task_runs_under_prefect_and_is_cached_across_flow_runs(tiny):
     from tasks.evaluate import evaluate_task
 
     tok_ref, base, _, _ = tiny
-    splits, train = make_splits(canonical_rows(3)), make_train(base, tok_ref)
+    (splits, tokenized), train = make_inputs(canonical_rows(3), tok_ref), make_train(base, tok_ref)
 
     @flow
     def only_evaluate(max_new_tokens: int):
         state = evaluate_task(
             splits,
+            tokenized,
             train,
             base,
             TokenizeConfig(max_length=128),
@@ -261,3 +268,23 @@ def test_evaluate_task_runs_under_prefect_and_is_cached_across_flow_runs(tiny):
     assert first[1].digest == second[1].digest
     metrics = json.loads(first[1].file("report.json").read_text())["metrics"]
     assert "perplexity_base" not in metrics and "judge_score" not in metrics  # backend none
+
+
+def test_rouge_keeps_unicode_letters_and_splits_cjk_and_matches_rouge_score_on_ascii():
+    from rouge_score import rouge_scorer
+
+    from instructflow.metrics import UnicodeTokenizer
+
+    same = ["今天天气很好", "naïve café", "Привет, мир"]
+    metrics, per = text_metrics(same, same)
+    assert per["rougeL"] == [1.0, 1.0, 1.0] and metrics["exact_match"] == 1.0
+    # Chinese is split into characters: a one-character change keeps partial credit.
+    _, per = text_metrics(["今天天气很好"], ["今天天气不好"])
+    assert per["rougeL"][0] == pytest.approx(5 / 6)
+    assert UnicodeTokenizer().tokenize("Café 東京 rocks!") == ["café", "東", "京", "rock"]
+    # ASCII text scores exactly as rouge-score's own tokenizer (with stemming) scores it.
+    pairs = [("The cats were running fast", "a cat runs quickly"), ("sort 3, 1, 2", "1, 2, 3")]
+    ours = rouge_scorer.RougeScorer(["rouge1", "rougeL"], tokenizer=UnicodeTokenizer())
+    theirs = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    for hyp, ref in pairs:
+        assert ours.score(ref, hyp) == theirs.score(ref, hyp)

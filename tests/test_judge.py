@@ -21,10 +21,11 @@ SECRET = "sk-test-DO-NOT-LOG-4f1c2a"
 
 
 class Stub:
-    """An OpenAI-compatible endpoint. Single grading: 9 if the response says 'good', else 3.
-    Pairwise: the response containing 'good' wins, except 'biased' items where it always
-    answers A. 'garbage' items answer non-JSON unless the retry instruction is present;
-    'hopeless' items always answer non-JSON."""
+    """An OpenAI-compatible endpoint that reads the reference. Single grading: 9 if the
+    response says 'good' or is the reference, else 3. Pairwise: the response that says 'good'
+    or is the reference wins, except 'biased' items where it always answers A. 'garbage' items
+    answer non-JSON unless the retry instruction is present; 'hopeless' items always answer
+    non-JSON."""
 
     def __init__(self, delay: float = 0.0):
         self.requests: list[dict] = []
@@ -60,13 +61,18 @@ class Stub:
         retried = len(messages) > 2
         if "hopeless" in prompt or ("garbage" in prompt and not retried):
             return "I think it is pretty good, maybe a 7?"
+        reference = prompt.split("### Reference answer:")[1].split("###")[0].strip()
+
+        def good(text: str) -> bool:
+            return "good" in text or text.strip() == reference
+
         if "### Response A:" in prompt:
             a = prompt.split("### Response A:")[1].split("### Response B:")[0]
-            b = prompt.split("### Response B:")[1]
-            winner = "A" if "biased" in prompt or "good" in a else "B" if "good" in b else "tie"
+            b = prompt.split("### Response B:")[1].split("Reply with exactly")[0]
+            winner = "A" if "biased" in prompt or good(a) else "B" if good(b) else "tie"
             return json.dumps({"winner": winner, "rationale": "rule"})
-        response = prompt.split("### Response to grade:")[1]
-        score = 9 if "good" in response else 3
+        response = prompt.split("### Response to grade:")[1].split("Reply with exactly")[0]
+        score = 9 if good(response) else 3
         return "```json\n" + json.dumps({"score": score, "rationale": "rule"}) + "\n```"
 
     def close(self):
@@ -128,16 +134,20 @@ def test_openai_judge_scores_retries_counts_failures_and_caches(home, stub, capl
     assert (m["wins"], m["ties"], m["losses"]) == (2, 1, 0)
     assert m["win_rate"] == pytest.approx(2.5 / 3)
     assert m["win_rate_low"] <= m["win_rate"] <= m["win_rate_high"]
-    assert m["judge_failed"] == 3  # hopeless: ft single, base single, pairwise
+    # Failures per unit: 2 single verdicts (hopeless, ft and base) and 1 pair; 12 units.
+    assert (m["judge_failed_single"], m["judge_failed_pairs"]) == (2, 1)
+    assert m["judge_failure_rate"] == pytest.approx(3 / 12)
     assert res.columns["judge_score"] == [9.0, 9.0, 9.0, None]
     assert res.columns["pairwise"] == ["win", "win", "tie", "failed"]
     assert "unparsable" in res.failures[0]
+    # Calibration caught the hopeless and the position-biased item: 16 of 24 checks right
+    # (8 sanity pairs: single + both pairwise orders), so the judge is not trusted.
+    assert m["calibration_accuracy"] == pytest.approx(16 / 24) and m["judge_trusted"] == 0.0
+    assert not res.usable and "untrusted: calibration accuracy 0.67" in res.status
     # The key went to the endpoint, in the header only.
     assert {r["auth"] for r in stub.requests} == {f"Bearer {SECRET}"}
     assert all(r["body"]["temperature"] == 0 for r in stub.requests)
     sent = len(stub.requests)
-    # 4 items x 4 prompts (2 single, 2 pairwise orders); garbage and hopeless retry each once.
-    assert sent == 4 * 4 + 4 + 4
 
     again = judge.run_judge(cfg, items, cand, base)
     assert len(stub.requests) == sent  # every reply came from the cache
@@ -147,6 +157,40 @@ def test_openai_judge_scores_retries_counts_failures_and_caches(home, stub, capl
     params = json.dumps(judge.judge_params(cfg))
     assert cache_text and SECRET not in cache_text + params + caplog.text
     assert "JUDGE_KEY_FOR_TEST" in params and judge.judge_params(cfg)["judge_prompt_hash"]
+
+
+def test_a_judge_that_reads_the_reference_is_trusted_a_biased_one_is_not(home, stub):
+    items = [judge.Item(f"name item {i}", "", f"answer {i}") for i in range(6)]
+    cand, base = [f"answer {i}" for i in range(6)], ["no idea"] * 6
+    res = judge.run_judge(_cfg(stub.url), items, cand, base)
+    m = res.metrics
+    assert m["calibration_accuracy"] == 1.0 and m["position_consistency"] == 1.0
+    assert res.usable and m["judge_trusted"] == 1.0 and m["judge_failure_rate"] == 0.0
+    assert res.status.startswith("judge trusted")
+    kinds = {row["kind"] for row in res.calibration["table"]}
+    assert kinds == {"empty", "other_reference", "corrupted"}
+
+    biased = [judge.Item(f"biased item {i}", "", f"answer {i}") for i in range(6)]
+    res = judge.run_judge(_cfg(stub.url), biased, cand, base)
+    # Always "A": right in one order of each pair, never consistent across orders.
+    assert res.metrics["position_consistency"] == 0.0
+    assert not res.usable and res.metrics["judge_trusted"] == 0.0
+    assert res.metrics["win_rate"] == 0.5  # all ties: what a fully biased judge gives
+
+
+def test_length_controlled_win_rate_discounts_a_preference_for_long_answers():
+    long_, short = "x" * 80, "y" * 10
+    # The candidate wins exactly when it is the longer one: no preference at equal length.
+    outcomes = ["win"] * 10 + ["loss"] * 10
+    cand = [long_] * 10 + [short] * 10
+    base = [short] * 10 + [long_] * 10
+    lc = judge.length_controlled_win_rate(outcomes, cand, base)
+    assert lc == pytest.approx(0.5, abs=0.02)
+    # A candidate that wins 15/20 at equal lengths keeps its win rate.
+    same = ["z" * 20] * 20
+    lc = judge.length_controlled_win_rate(["win"] * 15 + ["loss"] * 5, same, same)
+    assert lc == pytest.approx(0.75, abs=0.01)
+    assert judge.length_controlled_win_rate(["tie"] * 4, same[:4], same[:4]) is None
 
 
 def test_unreachable_endpoint_fails_fast_in_one_line(home):
@@ -159,7 +203,8 @@ def test_unreachable_endpoint_fails_fast_in_one_line(home):
     t0 = time.perf_counter()
     res = judge.run_judge(cfg, ITEMS, ["x"] * 4, ["y"] * 4)
     assert time.perf_counter() - t0 < 20
-    assert res.metrics["judge_failed"] == 4 + 4 + 4
+    assert res.metrics["judge_failed_single"] == 8 and res.metrics["judge_failed_pairs"] == 4
+    assert res.metrics["judge_failure_rate"] == 1.0 and not res.usable
     assert "unreachable" in res.failures[0] and "\n" not in res.failures[0]
     assert "judge_score" not in res.metrics
 
@@ -171,8 +216,10 @@ def test_slow_endpoint_times_out_retries_and_counts_failures(home):
         t0 = time.perf_counter()
         res = judge.run_judge(cfg, ITEMS[:2], ["good"] * 2)
         assert time.perf_counter() - t0 < 10  # no hang
-        assert len(slow.requests) == 4  # each of 2 prompts: first try + one retry
-        assert res.metrics["judge_failed"] == 2
+        # 2 grading prompts + calibration (2 items x 2 sanity pairs: the reference and the
+        # wrong answer graded alone), each tried twice (first try + one retry), none answered.
+        assert len(slow.requests) == 2 * (2 + 2 * 4)
+        assert res.metrics["judge_failed_single"] == 2
         assert re.search(r"timed out after 0.3s", res.failures[0])
     finally:
         slow.close()
@@ -188,7 +235,7 @@ def test_missing_key_env_is_a_one_line_error(home, monkeypatch):
 
 def test_key_never_reaches_mlflow_through_the_evaluate_stage(home, stub, monkeypatch):
     """The whole path: evaluate stage with the openai judge, then tracking.log_stage."""
-    from evaluate_fixtures import canonical_rows, make_base, make_splits, make_train
+    from evaluate_fixtures import canonical_rows, make_base, make_inputs, make_train
     from mlflow.tracking import MlflowClient
 
     import mlflow
@@ -199,7 +246,7 @@ def test_key_never_reaches_mlflow_through_the_evaluate_stage(home, stub, monkeyp
     monkeypatch.setenv("JUDGE_KEY_FOR_TEST", SECRET)
     tok_ref, base = make_base()
     ref = evaluate(
-        make_splits(canonical_rows(3)),
+        *make_inputs(canonical_rows(3), tok_ref),
         make_train(base, tok_ref),
         base,
         TokenizeConfig(max_length=128),
@@ -215,7 +262,7 @@ def test_key_never_reaches_mlflow_through_the_evaluate_stage(home, stub, monkeyp
     logged_params = {k.rsplit(".", 1)[-1]: v for k, v in data.params.items()}
     assert logged_params["judge_api_key_env"] == "JUDGE_KEY_FOR_TEST"
     assert logged_params["judge_model"] == "stub-judge"
-    assert "evaluate.judge_failed" in data.metrics
+    assert "evaluate.judge_failure_rate" in data.metrics
     logged = json.dumps([data.params, data.tags])
     for path in (home / "mlartifacts").rglob("*"):
         if path.is_file():
@@ -225,3 +272,40 @@ def test_key_never_reaches_mlflow_through_the_evaluate_stage(home, stub, monkeyp
             logged += path.read_text(errors="ignore")
     assert "judge_rationale" in logged  # the table really was logged
     assert SECRET not in logged
+
+
+def test_multi_turn_rows_are_judged_with_their_conversation(home, stub, shared_datasets):
+    """A ShareGPT conversation's final answer is judged against the last user turn, with the
+    earlier turns as context; the per-example table shows both."""
+    from evaluate_fixtures import make_base, make_inputs, make_train
+
+    from instructflow.config import DataConfig, EvaluateConfig, TokenizeConfig, ValidateConfig
+    from tasks.augment import read_jsonl
+    from tasks.download import download
+    from tasks.evaluate import evaluate
+    from tasks.validate import validate
+
+    path = shared_datasets / "sharegpt_fastchat_dummy/dummy_conversation.json"
+    clean = validate(download(DataConfig(source=str(path))), ValidateConfig())
+    rows = [r for r in read_jsonl(clean.file("clean.jsonl")) if len(r["messages"]) >= 4][:3]
+    assert len(rows) == 3
+    tok_ref, base = make_base()
+    ref = evaluate(
+        *make_inputs(rows, tok_ref, max_length=1024),
+        make_train(base, tok_ref),
+        base,
+        TokenizeConfig(max_length=1024),
+        EvaluateConfig(max_new_tokens=4, compare_base=False),
+        _cfg(stub.url, mode="single", calibration_examples=2),
+    )
+    table = json.loads(ref.file("examples.json").read_text())
+    graded = [r["body"]["messages"][1]["content"] for r in stub.requests]
+    for i, row in enumerate(rows):
+        users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+        first_answer = next(m["content"] for m in row["messages"] if m["role"] == "assistant")
+        assert table["instruction"][i] == users[-1].strip()  # not the first user turn
+        assert f"User: {users[0].strip()}" in table["input"][i]
+        assert first_answer.strip() in table["input"][i]
+        # The judge's prompt for this row holds the last turn and the earlier conversation.
+        mine = [g for g in graded if f"### Instruction:\n{users[-1].strip()}" in g]
+        assert mine and all(f"User: {users[0].strip()}" in g for g in mine)

@@ -78,7 +78,7 @@ def test_registered_model_reloads_exactly_and_first_version_is_champion(home, lo
     ref = register(train, report, base, RegisterConfig(model_name=NAME))
     decision = json.loads(ref.file("decision.json").read_text())
     assert decision["promoted"] is True and decision["version"] == 1
-    assert "first version" in decision["reasons"][0]
+    assert "the first version becomes champion" in decision["reasons"][0]
 
     client = MlflowClient()
     champ = client.get_model_version_by_alias(NAME, "champion")
@@ -162,8 +162,28 @@ def test_gate_rules():
 
     cfg = RegisterConfig(min_win_rate=0.5, max_rougeL_drop=0.02, max_perplexity_increase=0.05)
     champ = {"perplexity": 10.0, "perplexity_base": 20.0, "rougeL": 0.5, "rougeL_base": 0.2}
-    ok, reasons = gate({**champ, "win_rate": 0.4}, champ, cfg)
-    assert not ok and any("win rate 0.400 < 0.5" in r for r in reasons)
+    trusted = {"usable": True, "status": "judge trusted", "pairwise_opponent": "champion"}
+
+    def judged(win: float, low: float, high: float) -> dict:
+        return {**champ, "win_rate": win, "win_rate_low": low, "win_rate_high": high}
+
+    # The interval's lower bound decides, not the point estimate.
+    ok, reasons = gate(judged(0.62, 0.45, 0.78), champ, cfg, judge=trusted)
+    assert not ok and any("lower bound < 0.5" in r and "vs the champion" in r for r in reasons)
+    ok, _ = gate(judged(0.70, 0.55, 0.85), champ, cfg, judge=trusted)
+    assert ok
+    # An untrusted judge (or one that failed too often) is not used, and the reasons say why.
+    untrusted = {"usable": False, "status": "judge untrusted: calibration accuracy 0.40 < 0.80"}
+    ok, reasons = gate(judged(0.10, 0.0, 0.2), champ, cfg, judge=untrusted)
+    assert ok and any(
+        "untrusted: calibration accuracy 0.40" in r and "skipped" in r for r in reasons
+    )
+    # No champion yet: the judge's opponent is the base model, and the reasons say so.
+    vs_base = {**trusted, "pairwise_opponent": "base"}
+    ok, reasons = gate(judged(0.55, 0.40, 0.70), None, cfg, judge=vs_base)
+    assert not ok and any("vs the base model" in r for r in reasons)
+    assert gate(judged(0.9, 0.8, 1.0), None, cfg, judge=vs_base)[0]
+
     ok, _ = gate({**champ, "perplexity": 10.6}, champ, cfg)
     assert not ok  # +6% > +5%
     ok, reasons = gate(dict(champ), champ, cfg)

@@ -87,7 +87,10 @@ def test_serve_answers_openai_requests_and_the_judge_runs_against_it(served, hom
         v is not None for v in res.columns["judge_score"] + res.columns["judge_score_base"]
     )
     parsed += sum(o != "failed" for o in res.columns["pairwise"])
-    assert parsed + res.metrics["judge_failed"] == n_verdicts
+    failed = res.metrics["judge_failed_single"] + res.metrics["judge_failed_pairs"]
+    assert parsed + failed == n_verdicts
+    assert res.metrics["judge_failure_rate"] == failed / n_verdicts
+    assert not res.usable  # a tiny model is no judge: it fails calibration
     cached = [json.loads(p.read_text()) for p in (home / "judge_cache").rglob("*.json")]
     assert len(cached) >= 2 * 4  # 4 prompts per item reached the server
     # A cached reply is exactly what the server answers for the same request (temperature 0).
