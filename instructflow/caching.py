@@ -49,6 +49,23 @@ def code_digest(files: Iterable[str | Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def local_files_digest(paths: Iterable[str | Path | None]) -> dict[str, str]:
+    """{path: sha256 of its contents} for the local files and folders among `paths` (hub ids
+    and unset values are skipped): files a config names, whose edits must miss the cache."""
+    out: dict[str, str] = {}
+    for raw in paths:
+        if not raw or not Path(raw).exists():
+            continue
+        root = Path(raw)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.relative_to(root).as_posix().encode() if root.is_dir() else b"")
+            h.update(f.read_bytes())
+        out[str(raw)] = h.hexdigest()
+    return out
+
+
 def inputs_key(stage: str, code: str, inputs: dict[str, Any], exclude: Iterable[str] = ()) -> str:
     skip = set(exclude)
     payload = {

@@ -156,6 +156,16 @@ class EvaluateConfig(Section):
     # Exact match / ROUGE-L per value of this row column too (metrics em.<value>[_base]);
     # null or a column no row has: off.
     group_by: str | None = "meta.task"
+    # BERTScore with this encoder (hub id or local dir of any transformers encoder); null: off.
+    semantic_model: str | None = None
+    # Multiple-choice benchmarks through lm-evaluation-harness (task names; YAMLs of local
+    # tasks in lm_eval_include_path), on both models; []: off.
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    lm_eval_include_path: str | None = None
+    lm_eval_limit: int | None = Field(default=None, ge=1)
+    # MT-Bench-style suite graded by the judge: a JSONL of questions (FastChat format) or
+    # "builtin" (instructflow/data/mt_bench_tiny.jsonl); null: off. Needs judge.backend.
+    mt_bench: str | None = None
 
 
 class JudgeConfig(Section):

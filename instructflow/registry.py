@@ -7,7 +7,7 @@ What a registered model holds (`artifacts/` of the MLflow model):
   base/    the base-model artifact's model.json: a *reference* to the base weights — a hub id
            + pinned revision, or an absolute local path + content digest. Only for
            `builtin:tiny`, whose weights exist nowhere but the workspace, base/ also carries
-           weights/ (7M parameters).
+           weights/ (1.3M parameters).
   card/    MODEL_CARD.md.
 Why pyfunc and not the transformers flavour: with mlflow 3.17 a PEFT model whose base is a
 local folder reloads with random base weights, a 4-bit base fails to reload, and the flavour

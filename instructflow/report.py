@@ -46,10 +46,22 @@ def tables(report: dict[str, Any]) -> list[Any]:
     if has_base:
         head.add_column("base", justify="right")
     head.add_column("fine-tuned", justify="right")
-    for key, label, fmt in HEADLINE:
+    rows = list(HEADLINE)
+    if "bertscore_f1" in metrics:
+        rows.append(("bertscore_f1", "BERTScore F1", "{:.3f}"))
+    for key in sorted(k for k in metrics if k.startswith("lm_eval.") and k.endswith(".acc")):
+        rows.append(
+            (
+                key,
+                f"{key.removeprefix('lm_eval.').removesuffix('.acc')} accuracy (lm-eval)",
+                "{:.3f}",
+            )
+        )
+    for key, label, fmt in rows:
         if key not in metrics:
             continue
-        cells = [fmt.format(metrics[f"{key}_base"])] if has_base else []
+        base = metrics.get(f"{key}_base")
+        cells = [fmt.format(base) if base is not None else "-"] if has_base else []
         head.add_row(label, *cells, fmt.format(metrics[key]))
     out.append(head)
     line = judge_line(report)
@@ -99,6 +111,9 @@ def judge_line(report: dict[str, Any]) -> str | None:
     if "judge_score" in m:
         base = f" (base {m['judge_score_base']:.1f})" if "judge_score_base" in m else ""
         figures.append(f"score {m['judge_score']:.1f}/10{base}")
+    if "mt_bench.overall" in m:
+        base = f" (base {m['mt_bench.overall_base']:.1f})" if "mt_bench.overall_base" in m else ""
+        figures.append(f"MT-Bench-style {m['mt_bench.overall']:.1f}/10{base}")
     who = escape(f"judge {judge.get('judge_model')}")
     if judge.get("usable"):
         return f"{who}: {escape(', '.join(figures))} — {escape(judge.get('status') or '')}"

@@ -15,9 +15,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from instructflow import generation, judge, judge_prompts, progress, templates
+from instructflow import generation, judge, judge_prompts, progress, semantic, suites, templates
 from instructflow.artifacts import ArtifactRef, write_artifact
-from instructflow.caching import stage_task
+from instructflow.caching import local_files_digest, stage_task
 from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
 from instructflow.metrics import metric_key, per_group, text_metrics
 from instructflow.rows import column
@@ -156,6 +156,19 @@ def evaluate(
     torch.manual_seed(cfg.seed)
     base_out: list[str] | None = None
     metrics: dict[str, float] = {"test_examples": len(rows)}
+    # The MT-Bench-style suite is graded by the judge (calibrated below with the rest).
+    grader = judge.make_backend(judge_cfg) if cfg.mt_bench else None
+    suite_tables: dict[str, list[dict[str, Any]]] = {}
+
+    def run_suites(m, label: str, suffix: str) -> None:
+        if not (cfg.lm_eval_tasks or grader):
+            return
+        progress.notify("stage_progress", stage="evaluate", message=f"benchmark suites {label}")
+        out = suites.run_configured(m, tok, template, cfg, grader, label)
+        metrics.update({k + suffix: v for k, v in out["metrics"].items()})
+        for name, table in out["tables"].items():
+            suite_tables.setdefault(name, []).extend(table)
+
     if cfg.compare_base:
         # A PEFT model is its base with the adapter switched off: no second copy in memory.
         # The base goes first: the fine-tuned pass then folds the adapter into these weights.
@@ -167,9 +180,13 @@ def evaluate(
             base_model, ctx = load_base_model(base, dtype=torch.float32), nullcontext()
         with ctx:
             metrics["perplexity_base"], _, base_out = run_model(base_model, "base")
+            run_suites(base_model, "base", "_base")
         del base_model
     ft_model = generation.fold_adapter(ft_model)
     metrics["perplexity"], n_tokens, ft_out = run_model(ft_model, "fine-tuned")
+    run_suites(ft_model, "finetuned", "")
+    if grader is not None:
+        grader.close()
     # Free the evaluated model(s) before the judge loads its own (the hf backend).
     del ft_model
     gc.collect()
@@ -197,6 +214,14 @@ def evaluate(
             metrics[f"em.{metric_key(key)}{suffix}"] = entry[f"exact_match{suffix}"]
     if groups:
         columns["group"] = [column(r, cfg.group_by) for r in rows]
+    if cfg.semantic_model:
+        progress.notify("stage_progress", stage="evaluate", message="BERTScore")
+        for suffix, outs in outputs.items():
+            bs = semantic.bertscore(outs, refs, semantic.resolve(cfg.semantic_model))
+            for part in ("precision", "recall", "f1"):
+                metrics[f"bertscore_{part}{suffix}"] = bs[f"{part}_mean"]
+            columns[f"bertscore_f1{suffix}"] = bs["f1"]
+        metrics["bertscore_layer"] = bs["num_layers"]
 
     items = [judge.Item(i, c, ref) for (i, c), ref in zip(asked, refs, strict=True)]
     opponent, opponent_name = base_out, "base"
@@ -248,6 +273,7 @@ def evaluate(
         extra = {
             "groups.json": [{"group": key, **entry} for key, entry in groups.items()],
             "judge_calibration.json": verdicts.calibration.get("table") or [],
+            **suite_tables,
         }
         for name, records in extra.items():
             if records:
@@ -303,6 +329,15 @@ def plot_scores(columns: dict[str, list[Any]], path: Path) -> None:
     plt.close(fig)
 
 
-evaluate_task = stage_task("evaluate", code_deps=[generation, judge, judge_prompts, templates])(
-    evaluate
-)
+def suite_files(inputs: dict[str, Any]) -> dict[str, str]:
+    """Cache-key material: the contents of the local files the evaluate config names."""
+    cfg: EvaluateConfig = inputs["cfg"]
+    mt = suites.MT_BENCH_TINY if cfg.mt_bench == "builtin" else cfg.mt_bench
+    return local_files_digest([mt, cfg.lm_eval_include_path, cfg.semantic_model])
+
+
+evaluate_task = stage_task(
+    "evaluate",
+    code_deps=[generation, judge, judge_prompts, templates, suites, semantic],
+    key_extra=suite_files,
+)(evaluate)
