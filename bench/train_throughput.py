@@ -55,7 +55,8 @@ MAX_LENGTH = 512
 def prepare(n: int, model: str, home: Path) -> dict:
     from instructflow.artifacts import write_artifact
     from instructflow.config import ModelConfig, TokenizeConfig
-    from tasks.base_model import load_tokenizer, prepare_base_model, prepare_tokenizer
+    from instructflow.loading import load_tokenizer
+    from tasks.base_model import prepare_base_model, prepare_tokenizer
     from tasks.tokenize import encode_rows, save_table
 
     everything = json.loads(DATA.read_text(encoding="utf-8"))
@@ -213,7 +214,7 @@ def _lora_model(spec: dict):
     from peft import LoraConfig, get_peft_model
 
     from instructflow.artifacts import ArtifactRef
-    from tasks.base_model import load_base_model
+    from instructflow.loading import load_base_model
 
     model = load_base_model(ArtifactRef.model_validate(spec["base"]))
     model.config.use_cache = False
@@ -247,9 +248,9 @@ def _train_dataset(spec: dict):
 def child_lecture(spec: dict, args) -> dict:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
+    from instructflow.loading import load_tokenizer
     from instructflow.training.callbacks import StepMetrics
     from instructflow.training.packing import BatchStats, CountingCollator
-    from tasks.base_model import load_tokenizer
 
     tok = load_tokenizer(spec["tokenizer"]["path"])
 
@@ -286,15 +287,17 @@ def child_stage(spec: dict, args) -> dict:
 
     refs = [ArtifactRef.model_validate(spec[k]) for k in ("tokenized", "base", "tokenizer")]
     cfg = TrainConfig(
-        method="lora",
+        method={
+            "name": "lora",
+            "r": LORA["r"],
+            "alpha": LORA["lora_alpha"],
+            "dropout": LORA["lora_dropout"],
+        },
         precision="fp32",
         max_steps=args.steps,
         per_device_batch_size=args.batch,
         logging_steps=1,
         save_steps=10 * args.steps,  # like (a) and (c): no checkpoint inside the timed run
-        lora_r=LORA["r"],
-        lora_alpha=LORA["lora_alpha"],
-        lora_dropout=LORA["lora_dropout"],
         learning_rate=2e-4,
         seed=42,
         resume=False,
@@ -308,9 +311,9 @@ def child_stage(spec: dict, args) -> dict:
 def child_trl(spec: dict, args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
+    from instructflow.loading import load_tokenizer
     from instructflow.training.callbacks import StepMetrics
     from instructflow.training.packing import BatchStats, CountingCollator
-    from tasks.base_model import load_tokenizer
 
     tok = load_tokenizer(spec["tokenizer"]["path"])
     ds = _train_dataset(spec).remove_columns(["length"])

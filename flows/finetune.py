@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.stages import STAGES
 from instructflow.config import load_config
 from instructflow.pipeline import PipelineRun
 from tasks.augment import augment_task
@@ -28,7 +29,7 @@ def finetune(
     until: str | None = None,
 ) -> dict:
     cfg = load_config(config_path, overrides)
-    with PipelineRun(cfg, config_path, until) as run:
+    with PipelineRun(cfg, config_path, until, STAGES) as run:
         raw = run.stage(download_task, cfg.data)
         clean = run.stage(validate_task, raw, cfg.validate_)
         augmented = run.stage(augment_task, clean, cfg.augment)

@@ -51,6 +51,12 @@ class ArtifactRef(BaseModel):
     def meta(self) -> dict[str, Any]:
         return self.manifest().get("meta", {})
 
+    @property
+    def figures(self) -> dict[str, Any]:
+        """Every number the stage reported: MLflow metrics and bookkeeping figures together."""
+        meta = self.meta
+        return {**meta.get("figures", {}), **meta.get("metrics", {})}
+
     def short(self) -> str:
         return self.digest[:12]
 

@@ -1,10 +1,11 @@
 """Cross-run stage caching on top of Prefect.
 
 Prefect's DEFAULT policy includes the flow-run id and never hits across runs. A stage's key
-here is exactly: the stage name, a digest of the stage's source code (and the shared modules
-it names), the digests of its input artifacts (not their paths), and the JSON of the config
-sections it receives. Before Prefect is allowed to hit, the cached artifact is re-hashed: a
-corrupted or half-written one has its cache record removed, so the stage recomputes.
+here is exactly: the stage name, the digest of the stage's code (its module and every project
+module it imports, transitively: instructflow.codeid), the digests of its input artifacts
+(not their paths), and the JSON of the config sections it receives. Before Prefect is allowed
+to hit, the cached artifact is re-hashed: a corrupted or half-written one has its cache record
+removed, so the stage recomputes.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from pydantic import BaseModel
 
+from instructflow import codeid
 from instructflow.artifacts import ArtifactRef, is_valid
+
+# Its code changes no stage's output (instructflow.codeid does not follow it).
+OUTPUT_NEUTRAL = True
 
 log = logging.getLogger("instructflow.cache")
 
@@ -39,14 +43,6 @@ def canonical(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def code_digest(files: Iterable[str | Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted({str(Path(f).resolve()) for f in files}):
-        h.update(Path(f).name.encode())
-        h.update(Path(f).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def local_files_digest(paths: Iterable[str | Path | None]) -> dict[str, str]:
@@ -135,7 +131,6 @@ def _make_policy_class():
 def stage_task(
     name: str,
     *,
-    code_deps: Iterable[ModuleType] = (),
     exclude: Iterable[str] = (),
     key_extra: Callable[[dict[str, Any]], Any] | None = None,
     cache: bool = True,
@@ -143,7 +138,6 @@ def stage_task(
 ) -> Callable[[Callable[..., ArtifactRef]], Any]:
     """Wrap a stage's plain function as a Prefect task with the stage cache policy.
 
-    `code_deps`: shared modules whose source changes the stage's output (e.g. templates).
     `exclude`: inputs that do not change the output (e.g. a live MLflow run id).
     `key_extra(inputs)`: more key material that is not an input, e.g. the download source's
     current fingerprint, so a changed source misses the cache.
@@ -153,10 +147,10 @@ def stage_task(
     from prefect.cache_policies import NO_CACHE
 
     def wrap(fn: Callable[..., ArtifactRef]):
-        files = [inspect.getsourcefile(fn)] + [inspect.getsourcefile(m) for m in code_deps]
         if cache:
+            code = codeid.digest(inspect.getsourcefile(fn))
             policy = _make_policy_class()(
-                stage=name, code=code_digest(files), exclude=list(exclude), key_extra=key_extra
+                stage=name, code=code, exclude=list(exclude), key_extra=key_extra
             )
         else:
             policy = NO_CACHE

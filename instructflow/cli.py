@@ -12,8 +12,12 @@ from typing import Any
 
 from instructflow import workspace
 
+# Its code changes no stage's output (instructflow.codeid does not follow it).
+OUTPUT_NEUTRAL = True
+
 DEFAULT_CONFIG = "configs/demo.yaml"
-PLAIN_EVERY_S = 10.0
+# Outside a terminal, a progress line per stage at most this often (seconds).
+PLAIN_EVERY_S = float(os.environ.get("INSTRUCTFLOW_PROGRESS_EVERY_S", "10"))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -23,7 +27,7 @@ def _one_line(exc: BaseException) -> str:
 
 def display_rows() -> list[str]:
     """The stages in DAG order, with the shown helpers (the base model) where they run."""
-    from instructflow.pipeline import SHOWN_HELPERS, STAGES
+    from flows.stages import SHOWN_HELPERS, STAGES
 
     rows: list[str] = []
     for stage in STAGES:
@@ -43,11 +47,14 @@ class RunView:
         self.started: dict[str, float] = {}
         self.step: dict[str, str] = {}
         self.printed: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}  # every stage's figures, by metric name
         self.live = None
 
     def __call__(self, event: str, payload: dict[str, Any]) -> None:
         if event == "run_started":
             self.ids = payload
+        elif event == "run_finished":
+            self.metrics = payload.get("metrics") or {}
         elif event == "stage_started" and payload["stage"] in self.rows:
             stage = payload["stage"]
             self.started[stage] = time.perf_counter()
@@ -56,6 +63,9 @@ class RunView:
             stage = payload["stage"]
             done, total = payload.get("completed"), payload.get("total")
             extra = payload.get("message", "")
+            elapsed = time.perf_counter() - self.started.get(stage, time.perf_counter())
+            if total and done and "ETA" not in extra and elapsed > 1:
+                extra = f"{extra}, ETA {elapsed / done * (total - done):.0f} s".lstrip(", ")
             self.step[stage] = f"{done}/{total} {extra}".strip() if total else str(extra)
             now = time.perf_counter()
             if not self.live_enabled and now - self.printed.get(stage, 0.0) >= PLAIN_EVERY_S:
@@ -88,6 +98,7 @@ class RunView:
             "Cached": "cyan",
             "Failed": "red",
             "Running": "yellow",
+            "Interrupted": "magenta",
             "Skipped": "dim",
             "Pending": "dim",
         }
@@ -112,7 +123,10 @@ class RunView:
         if self.live_enabled:
             from rich.live import Live
 
-            self.live = Live(self.table(), console=self.console, refresh_per_second=4)
+            # Transient: the final table is printed once, after the live one is gone.
+            self.live = Live(
+                self.table(), console=self.console, refresh_per_second=4, transient=True
+            )
             self.live.__enter__()
         return self
 
@@ -132,36 +146,60 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A log file or pipe: no wrapping at a guessed 80 columns (tables get room, lines stay
         # whole, so a grep finds them).
         console = Console(stderr=False, soft_wrap=True, width=200)
-    config_path = args.config
+    config_path = resolve_config(args.config)
+    from instructflow.sources import SourceError, source_kind
+
     try:
-        load_config(config_path, args.set)  # fail fast, before Prefect starts
-    except ConfigError as exc:
+        cfg = load_config(config_path, args.set)  # fail fast, before Prefect starts
+        source_kind(cfg.data.source)  # a missing data file, in a second rather than a minute
+    except (ConfigError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from flows.stages import STAGES
     from instructflow import progress
-    from instructflow.pipeline import STAGES
 
-    if args.until and args.until not in STAGES:
-        print(
-            f"error: --until {args.until!r}: expected one of {', '.join(STAGES)}", file=sys.stderr
-        )
-        return 2
+    if (
+        not os.environ.get("PREFECT_API_URL")
+        and os.environ.get("INSTRUCTFLOW_PREFECT_SERVER") != "0"
+    ):
+        # Before prefect is imported: it reads the API URL from the environment.
+        # (INSTRUCTFLOW_PREFECT_SERVER=0: Prefect's per-process ephemeral API instead.)
+        from instructflow import prefect_server
+
+        if prefect_server.running_url() is None:
+            console.print("starting the workspace's Prefect server (once; later runs reuse it)")
+        try:
+            os.environ["PREFECT_API_URL"] = prefect_server.ensure()
+        except prefect_server.ServerError as exc:
+            from instructflow import errors
+
+            print(f"error: {errors.check_stores() or exc}", file=sys.stderr)
+            return 1
 
     view = RunView(console, live=console.is_terminal and not args.plain)
     progress.subscribe(view)
     error: str | None = None
+    code = 1
     try:
-        from instructflow.pipeline import run_finetune
+        from flows.run import run_finetune
 
         with view:
             run_finetune(config_path, args.set or [], args.until)
-    except KeyboardInterrupt:
-        error = "interrupted"
+    except KeyboardInterrupt as exc:
+        from instructflow.interrupts import Interrupted
+
+        running = next((n for n, r in view.rows.items() if r.get("state") == "Running"), None)
+        stop = exc if isinstance(exc, Interrupted) else Interrupted(running or "start-up")
+        error, code = stop.line(), 130
+        if running:
+            view.rows[running]["state"] = "Interrupted"
     except Exception as exc:  # one line for users; --debug shows the traceback
         if args.debug:
             raise
-        error = _one_line(exc)
+        from instructflow import errors
+
+        error = errors.explain(exc) or _one_line(exc)
     finally:
         progress.unsubscribe(view)
 
@@ -171,6 +209,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         state = row.get("state", "Pending")
         if state in ("Pending", "Running"):
             state = "Failed" if state == "Running" else "Skipped"
+        if state == "Failed" and code == 130:
+            state = "Interrupted"
         view.rows[name]["state"] = state
         (stages if name in STAGES else helpers)[name] = {
             "state": state,
@@ -182,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "flow_run_id": view.ids.get("flow_run_id"),
         "stages": stages,
         "helpers": helpers,
-        "metrics": _collect_metrics(view.ids.get("mlflow_run_id")),
+        "metrics": view.metrics or _collect_metrics(view.ids.get("mlflow_run_id")),
     }
     if error:
         summary["error"] = error
@@ -201,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
     if error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return code
     return 0
 
 
@@ -216,16 +256,46 @@ def _collect_metrics(run_id: str | None) -> dict[str, float]:
         return {}
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("instructflow")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def resolve_config(path: str | None) -> str | None:
+    """A config path as given, else the project's preset of that name (so `-c demo` and the
+    default work from any directory); a path that is in neither place is returned as given,
+    and load_config reports it."""
+    if path is None or Path(path).is_file():
+        return path
+    presets = Path(__file__).resolve().parents[1] / "configs"
+    for candidate in (presets / path, presets / f"{path}.yaml", presets / Path(path).name):
+        if candidate.is_file():
+            return str(candidate)
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instructflow", description=__doc__)
     parser.add_argument(
         "--home", help="workspace directory (default: $INSTRUCTFLOW_HOME or ./.instructflow)"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline")
-    run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    run.add_argument(
+        "-c",
+        "--config",
+        default=DEFAULT_CONFIG,
+        metavar="CONFIG",
+        help="a YAML config file, or the name of a preset in the project's configs/ "
+        f"(demo, alpaca-qlora); default: {DEFAULT_CONFIG}",
+    )
     run.add_argument(
         "--set",
         action="append",
@@ -233,8 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY.PATH=VALUE",
         help="override a config value (repeatable)",
     )
-    run.add_argument("--until", metavar="STAGE", help="stop after this stage")
-    run.add_argument("--summary-json", metavar="PATH")
+    from flows.stages import STAGES
+
+    run.add_argument(
+        "--until",
+        choices=STAGES,
+        metavar="STAGE",
+        help=f"stop after this stage ({', '.join(STAGES)})",
+    )
+    run.add_argument(
+        "--summary-json",
+        metavar="PATH",
+        help="also write the run's summary (stage states, digests, figures, run ids) as JSON",
+    )
     run.add_argument("--plain", action="store_true", help="no live view, one line per stage")
     run.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
@@ -280,16 +361,21 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
     workspace.configure(args.home)
     _quiet_library_logs()
+    from instructflow.interrupts import sigterm_as_interrupt
+
+    sigterm_as_interrupt()
     os.environ.setdefault("INSTRUCTFLOW_DEBUG", "1" if args.debug else "0")
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"error: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as exc:
         if args.debug:
             raise
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        from instructflow import errors
+
+        print(f"error: {errors.explain(exc) or _one_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -1,20 +1,114 @@
 """The one home of every knob: a pydantic model loaded from YAML plus `--set` overrides.
 
-Every section forbids unknown keys, so a typo fails at start with its key path.
-Each stage receives only its own section(s); a section's JSON is part of that stage's cache key.
+Every section forbids unknown keys, so a typo fails at start with its key path (and the
+closest valid key: `split.seeed: unknown key (did you mean 'seed'?)`). Each stage receives only
+its own section(s); a section's JSON is part of that stage's cache key.
+
+Rules every value meets (a broken one is a ConfigError, one line: `<origin>: <key.path>: ...`,
+where origin is the YAML file, `--set <the override>` when the bad value came from one, or
+`<defaults>`):
+- numbers are finite (NaN and infinities have their own messages) and never booleans (YAML
+  `true` / `yes` is not 1); counts and sizes have a cap no real run reaches, named in the
+  message; seeds lie in 0..2**31-1 (what numpy, sklearn and torch all accept, with room for
+  the seed + 1 a stage derives);
+- strings a stage needs (a source, a model, a name) are not empty or blank; optional ones
+  are null or a real value, never "";
+- a config file must hold a mapping: an empty or comment-only file is an error (a
+  truncated or wrongly written preset must not silently run the defaults); `{}` is the
+  explicit "all defaults". `load_config(None)` (no file) is all defaults too.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
+import math
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+# Not part of stage code digests (instructflow.codeid): what it changes reaches every key as
+# the JSON of the validated config section.
+OUTPUT_NEUTRAL = True
+
+DEFAULTS = "<defaults>"
+DAY_S = 86_400
+# The cap on step and example counts: far above any real run, low enough that a slip (an
+# extra few digits) fails at start rather than as a run that never ends.
+MAX_COUNT = 10_000_000
+MAX_SEED = 2**31 - 1
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message is one line naming the key path."""
+
+
+def _number(value: Any) -> Any:
+    """Before pydantic's coercion: a boolean is not a number (it would become 0 or 1), and NaN
+    fails bounds with a misleading message (NaN < 1 is False: "should be less than 1"), so
+    both, and the infinities, get their own message."""
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            "bool_not_number", "expected a number, got {value}", {"value": str(value).lower()}
+        )
+    if isinstance(value, int | float | str):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):  # not a number (pydantic says so) or a huge int
+            return value
+        if math.isnan(number):
+            raise PydanticCustomError("not_a_number", "is NaN; give a number")
+        if math.isinf(number):
+            raise PydanticCustomError("infinite", "is infinite; give a finite number")
+    return value
+
+
+def _required_text(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank", "is empty; give a value")
+    return value
+
+
+def _optional_text(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank", "is empty; give a value, or null to leave it unset")
+    return value
+
+
+def _max_steps(value: int) -> int:
+    if value != -1 and value < 1:
+        raise PydanticCustomError(
+            "max_steps",
+            "must be -1 (train for `epochs`) or at least 1, got {value}",
+            {"value": value},
+        )
+    return value
+
+
+def _stop_string(value: str) -> str:
+    if not value:
+        raise PydanticCustomError("empty_stop", "is empty; it would end every answer at once")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number)]
+Seed = Annotated[int, BeforeValidator(_number), Field(ge=0, le=MAX_SEED)]
+Text = Annotated[str, AfterValidator(_required_text)]
+OptionalText = Annotated[str, AfterValidator(_optional_text)] | None
 
 
 class Section(BaseModel):
@@ -23,15 +117,27 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     # A local file/folder, an http(s) URL, a hub dataset id, or "builtin:demo".
-    source: str = "builtin:demo"
-    hub_split: str = "train"
-    hub_config: str | None = None
-    sha256: str | None = Field(default=None, description="pin for URL sources")
-    timeout_s: float = Field(default=60.0, gt=0)
-    max_bytes: int = Field(default=2_000_000_000, gt=0, description="size cap for URL sources")
+    source: Text = "builtin:demo"
+    hub_split: Text = "train"
+    hub_config: OptionalText = None
+    sha256: OptionalText = Field(default=None, description="pin for URL sources")
+    timeout_s: Float = Field(default=60.0, gt=0, le=DAY_S)
+    max_bytes: Int = Field(
+        default=2_000_000_000, gt=0, le=2**40, description="size cap for URL sources"
+    )
     # Rows of the builtin demo dataset (null: all of them, 400).
-    demo_rows: int | None = Field(default=None, ge=10)
-    demo_seed: int = 0
+    demo_rows: Int | None = Field(default=None, ge=10, le=100_000)
+    demo_seed: Seed = 0
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_hex(cls, value: str | None) -> str | None:
+        # A malformed pin can never match: say so now, not after the download.
+        if value is not None and (
+            len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value)
+        ):
+            raise PydanticCustomError("sha256", "must be 64 hex digits (a sha256 digest)")
+        return value
 
 
 class ValidateConfig(Section):
@@ -40,10 +146,12 @@ class ValidateConfig(Section):
     # For format=mapping: canonical field -> source field, e.g. {instruction: instruction,
     # input: context, output: response} for Dolly. Keys other than instruction/input/output/
     # system are copied into the row's meta (e.g. {task: category}).
-    field_mapping: dict[str, str] = Field(default_factory=dict)
-    min_output_chars: int = Field(default=1, ge=0)
-    min_instruction_chars: int = Field(default=1, ge=0)
-    max_chars: int = Field(default=20_000, gt=0, description="max characters of a whole row")
+    field_mapping: dict[Text, Text] = Field(default_factory=dict)
+    min_output_chars: Int = Field(default=1, ge=0, le=100_000_000)
+    min_instruction_chars: Int = Field(default=1, ge=0, le=100_000_000)
+    max_chars: Int = Field(
+        default=20_000, gt=0, le=100_000_000, description="max characters of a whole row"
+    )
     # Outputs that mean "no answer" (case, spaces, <brackets> ignored; '<x' also as a prefix).
     placeholders: list[str] = Field(default_factory=lambda: ["<nooutput>", "<no output>", "n/a"])
     # Inputs that mean "no input": the row is kept with an empty input.
@@ -52,25 +160,36 @@ class ValidateConfig(Section):
     )
     drop_exact_duplicates: bool = True
     # TF-IDF char 5-gram cosine similarity at or above which a later row is dropped; null: off.
-    near_duplicate_threshold: float | None = Field(default=0.95, ge=0, le=1)
+    near_duplicate_threshold: Float | None = Field(default=0.95, ge=0, le=1)
     # Fail when a file's invalid rows (duplicates not counted) exceed this fraction.
-    max_reject_fraction: float = Field(default=0.5, ge=0, le=1)
+    max_reject_fraction: Float = Field(default=0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _minimums_fit(self) -> ValidateConfig:
+        # Otherwise every row is rejected and the error comes late, from the data.
+        for name in ("min_output_chars", "min_instruction_chars"):
+            if getattr(self, name) > self.max_chars:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) is above max_chars ({self.max_chars}): "
+                    "every row would be rejected"
+                )
+        return self
 
 
 class AugmentConfig(Section):
     enabled: bool = True
-    fraction: float = Field(default=0.1, ge=0, le=1)
-    seed: int = 0
+    fraction: Float = Field(default=0.1, ge=0, le=1)
+    seed: Seed = 0
 
 
 class SplitConfig(Section):
-    train: float = Field(default=0.85, gt=0, lt=1)
-    validation: float = Field(default=0.10, ge=0, lt=1)
-    test: float = Field(default=0.05, ge=0, lt=1)
-    seed: int = 42
-    stratify_by: str | None = None
+    train: Float = Field(default=0.85, gt=0, lt=1)
+    validation: Float = Field(default=0.10, ge=0, lt=1)
+    test: Float = Field(default=0.05, ge=0, lt=1)
+    seed: Seed = 42
+    stratify_by: OptionalText = None
     decontaminate: bool = True
-    decontamination_threshold: float = Field(default=0.9, ge=0, le=1)
+    decontamination_threshold: Float = Field(default=0.9, ge=0, le=1)
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitConfig:
@@ -82,10 +201,12 @@ class SplitConfig(Section):
 
 class TokenizeConfig(Section):
     template: Literal["alpaca", "chatml", "chat_template"] = "alpaca"
-    max_length: int = Field(default=512, ge=8)
+    # The cap (2**20) is far above what fine-tuning uses; the model's own maximum is checked
+    # when tokenizing (the config does not know the model).
+    max_length: Int = Field(default=512, ge=8, le=1_048_576)
     train_on_inputs: bool = False
     truncation: Literal["drop", "truncate"] = "drop"
-    batch_size: int = Field(default=1000, ge=1)
+    batch_size: Int = Field(default=1000, ge=1, le=1_000_000)
     # auto: ids via tiktoken where it reproduces the tokenizer (checked on a sample of every
     # split, see instructflow.fast_bpe), else the tokenizer's own backend; tokenizers: always
     # the latter.
@@ -94,122 +215,192 @@ class TokenizeConfig(Section):
 
 class ModelConfig(Section):
     # A hub id, a local directory, or "builtin:tiny".
-    name_or_path: str = "builtin:tiny"
-    revision: str | None = None
+    name_or_path: Text = "builtin:tiny"
+    revision: OptionalText = None
     trust_remote_code: bool = False
-    attn_implementation: str | None = None
+    attn_implementation: OptionalText = None
+
+
+# -- training methods: one class per method (a tagged union on `name`); what each one does is
+# its entry in instructflow.training.methods.
+class LoraMethod(Section):
+    """LoRA: low-rank adapters on the chosen linear layers, the base frozen."""
+
+    name: Literal["lora"] = "lora"
+    r: Int = Field(default=16, ge=1, le=65_536)
+    alpha: Int = Field(default=32, ge=1, le=1_048_576)
+    dropout: Float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _module_names(cls, value: Any) -> Any:
+        # Checked before the union so a bad value gets one message, not one per union member.
+        names_ok = (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, str) and v.strip() for v in value)
+        )
+        if value != "all-linear" and not names_ok:
+            raise PydanticCustomError(
+                "target_modules",
+                "give 'all-linear' or a non-empty list of module names, e.g. [q_proj, v_proj]",
+            )
+        return value
+
+
+class QLoraMethod(LoraMethod):
+    """QLoRA: LoRA on a 4-bit (nf4, double-quantised) frozen base."""
+
+    name: Literal["qlora"] = "qlora"
+
+
+class DoraMethod(LoraMethod):
+    """DoRA: LoRA with the weights' magnitude learnt apart from their direction."""
+
+    name: Literal["dora"] = "dora"
+
+
+class FullMethod(Section):
+    """Every weight trained."""
+
+    name: Literal["full"] = "full"
+
+
+METHODS = LoraMethod | QLoraMethod | DoraMethod | FullMethod
+TrainMethod = Annotated[METHODS, Field(discriminator="name")]
 
 
 class TrainConfig(Section):
-    method: Literal["qlora", "lora", "full"] = "qlora"
+    # A method name (its defaults) or {name: ..., <its knobs>}, e.g. {name: qlora, r: 8}.
+    method: TrainMethod = Field(default_factory=QLoraMethod)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    lora_r: int = Field(default=16, ge=1)
-    lora_alpha: int = Field(default=32, ge=1)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    use_dora: bool = False
-    learning_rate: float = Field(default=2e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    learning_rate: Float = Field(default=2e-4, gt=0, le=10)
+    weight_decay: Float = Field(default=0.0, ge=0, le=10)
+    warmup_ratio: Float = Field(default=0.03, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    max_grad_norm: float = Field(default=1.0, gt=0)
+    # No cap: a huge value is the usual way to switch clipping off.
+    max_grad_norm: Float = Field(default=1.0, gt=0)
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
         "adamw_torch"
     )
-    epochs: float = Field(default=1.0, gt=0)
-    max_steps: int = Field(default=-1, description="-1: use epochs")
+    epochs: Float = Field(default=1.0, gt=0, le=10_000)
+    max_steps: Annotated[Int, AfterValidator(_max_steps)] = Field(
+        default=-1, le=MAX_COUNT, description="-1: use epochs"
+    )
     # With packing, the examples of a step share one flattened row and attention costs grow
     # with the row's length squared: on CPU 4 examples a row ran ~1.4x faster per useful token
     # than 16. So this is the per-step token budget knob; raise gradient_accumulation_steps
     # for larger effective batches.
-    per_device_batch_size: int = Field(default=4, ge=1)
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    per_device_batch_size: Int = Field(default=4, ge=1, le=65_536)
+    gradient_accumulation_steps: Int = Field(default=1, ge=1, le=65_536)
     gradient_checkpointing: bool = False
     packing: bool = True
-    save_steps: int = Field(default=50, ge=1)
-    save_total_limit: int = Field(default=2, ge=1)
+    save_steps: Int = Field(default=50, ge=1, le=MAX_COUNT)
+    save_total_limit: Int = Field(default=2, ge=1, le=10_000)
     resume: bool = Field(default=True, description="resume from the work dir's last checkpoint")
     keep_checkpoints: bool = Field(default=False, description="keep them after publishing")
-    max_eval_examples: int | None = Field(default=200, ge=1)
-    eval_steps: int = Field(default=50, ge=1)
-    logging_steps: int = Field(default=5, ge=1)
-    early_stopping_patience: int | None = Field(default=None, ge=1)
-    seed: int = 42
-    nproc: int = Field(default=1, ge=1)
+    max_eval_examples: Int | None = Field(default=200, ge=1, le=MAX_COUNT)
+    eval_steps: Int = Field(default=50, ge=1, le=MAX_COUNT)
+    logging_steps: Int = Field(default=5, ge=1, le=MAX_COUNT)
+    early_stopping_patience: Int | None = Field(default=None, ge=1, le=10_000)
+    seed: Seed = 42
+    nproc: Int = Field(default=1, ge=1, le=1024)
     # Sharding for models that do not fit one GPU (with nproc > 1), passed to the Trainer:
     # fsdp e.g. "full_shard auto_wrap"; deepspeed: path to a DeepSpeed (ZeRO-3) JSON config.
-    fsdp: str | None = None
-    deepspeed: str | None = None
+    fsdp: OptionalText = None
+    deepspeed: OptionalText = None
     merge: bool = False
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "name" not in value:  # knobs of the default method
+            return {"name": QLoraMethod().name, **value}
+        if not isinstance(value, dict | BaseModel):
+            names = ", ".join(repr(m.model_fields["name"].default) for m in get_args(METHODS))
+            raise PydanticCustomError(
+                "method",
+                "give a method name ({names}) or {mapping}",
+                {"names": names, "mapping": "{name: <method>, <its knobs>}"},
+            )
+        return value
 
 
 class EvaluateConfig(Section):
-    max_examples: int | None = Field(default=None, ge=1)
-    max_new_tokens: int = Field(default=64, ge=1)
+    max_examples: Int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    max_new_tokens: Int = Field(default=64, ge=1, le=32_768)
     # Rows decoding at once (continuous batching); 64 ran ~10% faster than 32 on CPU.
-    batch_size: int = Field(default=64, ge=1)
-    temperature: float = Field(default=0.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int = 0
-    stop_strings: list[str] = Field(default_factory=list)
+    batch_size: Int = Field(default=64, ge=1, le=65_536)
+    temperature: Float = Field(default=0.0, ge=0, le=100)
+    top_p: Float = Field(default=1.0, gt=0, le=1)
+    seed: Seed = 0
+    # Whitespace is a real stop string ("\n"); only "" is refused (it would end every answer).
+    stop_strings: list[Annotated[str, AfterValidator(_stop_string)]] = Field(default_factory=list)
     compare_base: bool = True
     # Exact match / ROUGE-L per value of this row column too (metrics em.<value>[_base]);
     # null or a column no row has: off.
-    group_by: str | None = "meta.task"
+    group_by: OptionalText = "meta.task"
     # BERTScore with this encoder (hub id or local dir of any transformers encoder); null: off.
-    semantic_model: str | None = None
+    semantic_model: OptionalText = None
     # Multiple-choice benchmarks through lm-evaluation-harness (task names; YAMLs of local
     # tasks in lm_eval_include_path), on both models; []: off.
-    lm_eval_tasks: list[str] = Field(default_factory=list)
-    lm_eval_include_path: str | None = None
-    lm_eval_limit: int | None = Field(default=None, ge=1)
+    lm_eval_tasks: list[Text] = Field(default_factory=list)
+    lm_eval_include_path: OptionalText = None
+    lm_eval_limit: Int | None = Field(default=None, ge=1, le=MAX_COUNT)
     # MT-Bench-style suite graded by the judge: a JSONL of questions (FastChat format) or
     # "builtin" (instructflow/data/mt_bench_tiny.jsonl); null: off. Needs judge.backend.
-    mt_bench: str | None = None
+    mt_bench: OptionalText = None
 
 
 class JudgeConfig(Section):
     backend: Literal["none", "hf", "openai"] = "none"
     mode: Literal["single", "pairwise", "both"] = "both"
     # openai backend: any OpenAI-compatible /v1/chat/completions endpoint.
-    base_url: str | None = None
-    model: str | None = None
+    base_url: OptionalText = None
+    model: OptionalText = None
     # The NAME of the environment variable holding the key; the key itself is never stored.
-    api_key_env: str | None = None
+    api_key_env: OptionalText = None
     # hf backend: a local causal LM (hub id, directory or builtin:tiny).
-    hf_model: str = "builtin:tiny"
-    timeout_s: float = Field(default=60.0, gt=0)
-    max_concurrency: int = Field(default=4, ge=1)
-    max_retries: int = Field(default=3, ge=0)
-    max_examples: int | None = Field(default=None, ge=1)
-    seed: int = 0
-    bootstrap_samples: int = Field(default=1000, ge=10)
+    hf_model: Text = "builtin:tiny"
+    timeout_s: Float = Field(default=60.0, gt=0, le=DAY_S)
+    max_concurrency: Int = Field(default=4, ge=1, le=256)
+    max_retries: Int = Field(default=3, ge=0, le=100)
+    max_examples: Int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    seed: Seed = 0
+    bootstrap_samples: Int = Field(default=1000, ge=10, le=1_000_000)
     # Calibration before grading: test items whose reference is compared with an empty, a
     # wrong and a corrupted answer; below min_calibration (share right) the judge is untrusted.
-    calibration_examples: int = Field(default=16, ge=1)
-    min_calibration: float = Field(default=0.8, ge=0, le=1)
+    calibration_examples: Int = Field(default=16, ge=1, le=100_000)
+    min_calibration: Float = Field(default=0.8, ge=0, le=1)
     # Above this share of failed units (verdicts with no usable reply) the judge is not used.
-    max_failure_rate: float = Field(default=0.2, ge=0, le=1)
+    max_failure_rate: Float = Field(default=0.2, ge=0, le=1)
 
 
 class RegisterConfig(Section):
     enabled: bool = True
-    model_name: str = "instructflow-demo"
+    model_name: Text = "instructflow-demo"
     # A usable judge's pairwise win rate must have the LOWER bound of its 95 % bootstrap
     # interval at or above this (vs the base model, or the champion when judged against it).
-    min_win_rate: float = Field(default=0.5, ge=0, le=1)
-    max_rougeL_drop: float = Field(default=0.02, ge=0)
-    max_perplexity_increase: float = Field(default=0.05, ge=0, description="relative")
+    min_win_rate: Float = Field(default=0.5, ge=0, le=1)
+    # Against the champion (instructflow.gate.RULES): the most each may worsen. ROUGE-L and
+    # exact match are fractions, so a drop above 1 is a unit slip (percent).
+    max_rougeL_drop: Float = Field(default=0.02, ge=0, le=1)
+    max_exact_match_drop: Float = Field(default=0.02, ge=0, le=1)
+    # No cap: a huge value is how a user switches this rule off.
+    max_perplexity_increase: Float = Field(default=0.05, ge=0, description="relative")
 
 
 class TrackingConfig(Section):
-    experiment: str = "instructflow"
+    experiment: Text = "instructflow"
     # None: sqlite store in the workspace. Otherwise a tracking server URI.
-    tracking_uri: str | None = None
+    tracking_uri: OptionalText = None
     # When tracking_uri is unreachable: fail at start (default), or log to the workspace store.
     on_unreachable: Literal["fail", "local"] = "fail"
     log_system_metrics: bool = True
-    min_free_disk_mb: int = Field(default=500, ge=0)
+    min_free_disk_mb: Int = Field(default=500, ge=0, le=1_000_000_000)
 
 
 class PipelineConfig(Section):
@@ -263,28 +454,122 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        if isinstance(child, str) and part == "method":
+            # `method: qlora` is shorthand for {name: qlora}: --set train.method.r=8 extends it.
+            child = node[part] = {"name": child}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
         node = child
     node[path[-1]] = value
 
 
-def _format_error(err: ValidationError, origin: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{origin}: {loc}: {msg}{more}"
+def _members(field: Any) -> list[type[BaseModel]]:
+    """The config classes a field holds: one for a section, several for a tagged union."""
+    if field is None:
+        return []
+    kinds = (
+        get_args(field.annotation)
+        if get_origin(field.annotation) in (Union, UnionType)
+        else (field.annotation,)
+    )
+    return [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+
+
+def _field(model: type[BaseModel] | None, key: Any) -> Any:
+    for name, field in (model.model_fields if model is not None else {}).items():
+        if key in (name, field.alias):
+            return field
+    return None
+
+
+def _tags(field: Any) -> dict[str, type[BaseModel]]:
+    """A tagged union's tags and their classes ({} for other fields)."""
+    members = _members(field)
+    if len(members) < 2 or not field.discriminator:
+        return {}
+    return {m.model_fields[field.discriminator].default: m for m in members}
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None, str | None]:
+    """pydantic's error location -> (the key path as users write it, the config class at its
+    end or None, the union tag passed on the way). pydantic puts a tagged union's tag in the
+    location (train.method.qlora.r); users write train.method.r."""
+    shown: list[str] = []
+    model: type[BaseModel] | None = PipelineConfig
+    tag = None
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        shown.append(str(part))
+        field = _field(model, part)
+        members, tags = _members(field), _tags(field)
+        model = members[0] if len(members) == 1 else None
+        if tags and parts and parts[0] in tags:
+            tag = parts.pop(0)
+            model = tags[tag]
+    return shown, model, tag
+
+
+def _describe(error: Any) -> tuple[list[str], str]:
+    """(key path, message) of one pydantic error, with the closest valid name for a typo."""
+    loc, kind = error["loc"], error["type"]
+    if kind == "extra_forbidden":
+        shown, model, tag = _walk(loc[:-1])
+        key = str(loc[-1])
+        msg = "unknown key" + (f" for {shown[-1]} {tag!r}" if tag else "")
+        valid = [f.alias or name for name, f in (model.model_fields if model else {}).items()]
+        close = difflib.get_close_matches(key, valid, n=1)
+        return [*shown, key], msg + (f" (did you mean {close[0]!r}?)" if close else "")
+    msg = error["msg"].removeprefix("Value error, ")
+    if loc[-1] == "[key]":  # a dict's key, located (..., the key, "[key]") by pydantic
+        loc, msg = loc[:-2], f"key {loc[-2]!r} {msg}"
+    shown, _, _ = _walk(loc)
+    if kind == "union_tag_invalid":
+        tags = _tags(_field(_walk(loc[:-1])[1], loc[-1]))
+        close = difflib.get_close_matches(str(error["ctx"]["tag"]), list(tags), n=1)
+        msg += f" (did you mean {close[0]!r}?)" if close else ""
+    elif kind == "model_type" and error["input"] is None:
+        msg = "is empty; give its keys, or leave the section out"
+    return shown, msg
+
+
+def _blame(
+    where: list[str], origin: str, file_tree: dict[str, Any], applied: list[tuple[list[str], str]]
+) -> str:
+    """Where the bad value at `where` came from: the last override that set it (or a section
+    above it, which replaces everything below); else the file when the file alone fails there;
+    else (an override broke a value it did not set: a split fraction, a method's name) the
+    override sharing most of the path, the later on a tie."""
+    for keys, item in reversed(applied):
+        if where[: len(keys)] == keys:
+            return f"--set {item}"
+    if not applied:
+        return origin
+    if origin != DEFAULTS:
+        try:
+            PipelineConfig.model_validate(file_tree)
+        except ValidationError as err:
+            if any(_describe(e)[0] == where for e in err.errors()):
+                return origin
+
+    def shared(keys: list[str]) -> int:
+        n = 0
+        while n < min(len(keys), len(where)) and keys[n] == where[n]:
+            n += 1
+        return n
+
+    return "--set " + max(reversed(applied), key=lambda a: shared(a[0]))[1]
 
 
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> PipelineConfig:
-    """Load a YAML preset and apply `key.path=value` overrides; raise ConfigError on any problem."""
+    """Load a YAML preset and apply `key.path=value` overrides; raise ConfigError on any problem.
+
+    No path: every default. An error names the file, or the `--set` override its bad value
+    came from."""
     tree: dict[str, Any] = {}
-    origin = "<defaults>"
+    origin = DEFAULTS
     if path is not None:
         origin = str(path)
         p = Path(path)
@@ -297,14 +582,23 @@ def load_config(
             where = f" (line {line + 1})" if line is not None else ""
             raise ConfigError(f"{origin}: not valid YAML{where}") from None
         if loaded is None:
-            loaded = {}
+            raise ConfigError(
+                f"{origin}: the file is empty (or only comments); give at least one section, "
+                "or {} for all defaults"
+            )
         if not isinstance(loaded, dict):
             raise ConfigError(f"{origin}: top level must be a mapping of sections")
         tree = loaded
+    file_tree = copy.deepcopy(tree)
+    applied: list[tuple[list[str], str]] = []
     for item in overrides or []:
         keys, value = _parse_override(item)
         _set_path(tree, keys, value)
+        applied.append((keys, item))
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, origin)) from None
+        where, msg = _describe(err.errors()[0])
+        more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        source = _blame(where, origin, file_tree, applied)
+        raise ConfigError(f"{source}: {'.'.join(where) or '<root>'}: {msg}{more}") from None

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("alpaca", "sharegpt", "openai", "self_instruct", "mapping")
 ROLE_MAP = {
     "system": "system",
     "developer": "system",

@@ -10,23 +10,19 @@ batches and keeps only running sums, never the logits of the whole set.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from instructflow.templates import IGNORE_INDEX
+
 Progress = Callable[[int, int], None]
 # Rows per prefill call: prompts are length-sorted, and a wider call pads every row to its
 # longest; 16 rows of ~100 tokens still make matmuls big enough to run at full speed.
 PREFILL_ROWS = 16
-
-
-class LoadError(RuntimeError):
-    pass
 
 
 def _encode(tokenizer, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
@@ -47,18 +43,15 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
 
 
 def fold_adapter(model):
-    """For inference: a PEFT LoRA model with its adapter merged into the base weights, so each
-    linear layer is one matmul instead of three (generation 1.3x faster on CPU, same greedy
-    outputs in bench/eval_generation.py). Changes `model` in place: use it last. A quantized
-    base is left unmerged: folding into 4-bit weights would round the adapter away."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return model
-    if (
-        not isinstance(model, PeftModel)
-        or model.peft_config[model.active_adapter].peft_type != "LORA"
-    ):
+    """For inference: a PEFT model whose method can merge (instructflow.training.methods) with
+    its adapter merged into the base weights, so each linear layer is one matmul instead of
+    three (generation 1.3x faster on CPU, same greedy outputs in bench/eval_generation.py).
+    Changes `model` in place: use it last. Anything else comes back as it is, a quantized base
+    too: folding into 4-bit weights would round the adapter away."""
+    from instructflow.training import methods
+
+    method = methods.of_adapter(model)
+    if method is None or not method.mergeable:
         return model
     quantized = any(
         "4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in model.modules()
@@ -378,11 +371,11 @@ def response_tokens(
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for a prompt followed by (text, scored) pieces; -100 = not scored."""
     ids = _encode(tokenizer, [prompt], add_special_tokens)[0]
-    labels = [-100] * len(ids)
+    labels = [IGNORE_INDEX] * len(ids)
     for text, scored in pieces:
         piece = _encode(tokenizer, [text], False)[0]
         ids += piece
-        labels += piece if scored else [-100] * len(piece)
+        labels += piece if scored else [IGNORE_INDEX] * len(piece)
     return ids, labels
 
 
@@ -410,7 +403,7 @@ def perplexity(
             chunk = items[start : start + batch_size]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
             attn = torch.zeros((len(chunk), width), dtype=torch.long)
             for i, (x, y) in enumerate(chunk):
                 ids[i, : len(x)], labels[i, : len(y)], attn[i, : len(x)] = (
@@ -424,10 +417,10 @@ def perplexity(
             nll += F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]),
                 target.reshape(-1),
-                ignore_index=-100,
+                ignore_index=IGNORE_INDEX,
                 reduction="sum",
             ).item()
-            count += int((target != -100).sum())
+            count += int((target != IGNORE_INDEX).sum())
             del logits  # only the running sums survive a batch
     finally:
         model.train(was_training)
@@ -460,97 +453,3 @@ def next_token_logprobs(
         )
         rows.append(out.logits[:, -1, :].float().log_softmax(-1)[:, cand.to(model.device)].cpu())
     return torch.cat(rows) if rows else torch.empty((0, len(cand)))
-
-
-# -- loading a model for serving / judging ------------------------------------------------
-def load_model(spec: str) -> tuple[Any, Any, str]:
-    """(model, tokenizer, template) from builtin:tiny, a models:/ URI, a train artifact dir,
-    a PEFT adapter dir or a plain HF model dir / hub id."""
-    from tasks.base_model import BUILTIN_TINY
-
-    if spec == BUILTIN_TINY:
-        model, tok = _builtin()
-        return model, tok, "chat_template"
-    if spec.startswith("models:/"):
-        try:
-            from instructflow.registry import load_for_inference
-        except ImportError:
-            raise LoadError(f"{spec}: model registry support is not available") from None
-        return load_for_inference(spec)
-    path = Path(spec)
-    if path.is_dir() and (path / "train.json").is_file():
-        return _train_artifact(path)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        return _adapter_dir(path)
-    return _plain(spec)
-
-
-def _builtin():
-    from instructflow.config import ModelConfig
-    from tasks.base_model import (
-        load_base_model,
-        load_tokenizer,
-        prepare_base_model,
-        prepare_tokenizer,
-    )
-
-    tok_ref = prepare_tokenizer(ModelConfig())
-    return load_base_model(prepare_base_model(ModelConfig(), tok_ref)), load_tokenizer(tok_ref)
-
-
-def _plain(spec: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True)
-    except Exception as exc:
-        raise LoadError(f"{spec}: could not load a model ({type(exc).__name__})") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok, "chat_template" if tok.chat_template else "alpaca"
-
-
-def _base_for(info: dict[str, Any]):
-    """The base model a train artifact was trained on (workspace artifact, or rebuilt)."""
-    from instructflow import workspace
-    from instructflow.artifacts import ArtifactRef
-    from tasks.base_model import BUILTIN_TINY, load_base_model
-
-    for model_json in sorted((workspace.artifacts_dir() / "base_model").glob("*/model.json")):
-        if json.loads(model_json.read_text()) == info:
-            d = model_json.parent
-            return load_base_model(ArtifactRef(stage="base_model", path=str(d), digest=d.name))
-    if info.get("name_or_path") == BUILTIN_TINY:
-        return _builtin()[0]  # deterministic: rebuilding gives the same weights
-    return _plain(info["name_or_path"])[0]
-
-
-def _train_artifact(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    info = json.loads((path / "train.json").read_text())
-    tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-    template = info.get("template", "alpaca")
-    if (path / "merged").is_dir():
-        return AutoModelForCausalLM.from_pretrained(str(path / "merged")), tok, template
-    if (path / "model").is_dir():
-        return AutoModelForCausalLM.from_pretrained(str(path / "model")), tok, template
-    from peft import PeftModel
-
-    base = _base_for(info["base_model"])
-    return PeftModel.from_pretrained(base, str(path / "adapter")), tok, template
-
-
-def _adapter_dir(path: Path):
-    from peft import PeftConfig, PeftModel
-
-    base_id = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-    base, tok, template = load_model(base_id) if base_id else (None, None, "")
-    if base is None:
-        raise LoadError(f"{path}: adapter_config.json names no base model")
-    if (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path))
-    return PeftModel.from_pretrained(base, str(path)), tok, template

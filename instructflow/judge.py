@@ -264,10 +264,10 @@ class HFBackend:
     """A local causal LM; verdicts come from next-token probabilities after the JSON cue."""
 
     def __init__(self, cfg: JudgeConfig):
-        from instructflow.generation import load_model
+        from instructflow.loading import load_for_inference
 
         self.cfg = cfg
-        self.model, self.tok, _ = load_model(cfg.hf_model)
+        self.model, self.tok, _ = load_for_inference(cfg.hf_model)
         self.ratings = self._single_token_choices([str(r) for r in range(1, 11)])
         self.sides = self._single_token_choices(["A", "B"])
         if len(self.ratings) < 2 or len(self.sides) < 2:

@@ -1,6 +1,7 @@
 """Runs stages inside a flow: states, timings, MLflow recording, --until and the summary.
 
-`flows/finetune.py` only wires the DAG; this is the machinery each stage call goes through.
+`flows/finetune.py` only wires the DAG (and owns the stage order); this is the machinery each
+stage call goes through. `flows/run.py` starts the flow.
 """
 
 from __future__ import annotations
@@ -10,22 +11,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from instructflow import progress, tracking, workspace
+from instructflow import (
+    errors,
+    housekeeping,
+    interrupts,
+    progress,
+    runs,
+    tracking,
+    workspace,
+)
 from instructflow.artifacts import ArtifactRef
 from instructflow.config import PipelineConfig
 
-STAGES = [
-    "download",
-    "validate",
-    "augment",
-    "split",
-    "tokenize",
-    "train",
-    "evaluate",
-    "register",
-]
-# Helpers shown beside the stages (where they run), in the live view and the summary.
-SHOWN_HELPERS = {"base_model": "tokenize"}
+# Its code changes no stage's output (instructflow.codeid does not follow it).
+OUTPUT_NEUTRAL = True
 
 
 class StageFailed(RuntimeError):
@@ -42,9 +41,17 @@ class StopPipeline(Exception):
 
 
 class PipelineRun:
-    def __init__(self, cfg: PipelineConfig, config_path: str | None, until: str | None = None):
-        if until is not None and until not in STAGES:
-            raise ValueError(f"--until {until!r}: expected one of {', '.join(STAGES)}")
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        config_path: str | None,
+        until: str | None,
+        stages: tuple[str, ...],
+    ):
+        """`stages`: the DAG's stage names in order (the flow module owns them)."""
+        if until is not None and until not in stages:
+            raise ValueError(f"--until {until!r}: expected one of {', '.join(stages)}")
+        self.stage_names = stages
         self.cfg = cfg
         self.config_path = config_path
         self.until = until
@@ -54,6 +61,8 @@ class PipelineRun:
         self.mlflow_run_id: str | None = None
         self.flow_run_id: str | None = None
         self.stopped = False
+        self.current: str | None = None  # the stage or helper running now
+        self.live_logged: set[str] = set()  # stages whose step metrics reached MLflow live
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> PipelineRun:
@@ -64,16 +73,29 @@ class PipelineRun:
         self.flow_run_id = flow_run.get_id()
         tcfg = self.cfg.tracking
         exp_id = tracking.setup(tcfg.tracking_uri, tcfg.experiment, tcfg.on_unreachable)
+        # Unpublished temp dirs of runs killed a day or more ago go; quarantined corrupt
+        # artifacts stay for inspection (`instructflow gc --remove` deletes those).
+        housekeeping.remove(
+            [x for x in housekeeping.leftovers(workspace.home()) if x.path.name.startswith(".tmp-")]
+        )
+        closed = [r for r in runs.reconcile() if "error" not in r]
+        if closed:
+            progress.notify(
+                "warning",
+                message=f"closed {len(closed)} earlier run(s) left running by a killed process",
+            )
         run = mlflow.start_run(
             experiment_id=exp_id,
-            run_name=flow_run.get_name() or None,
+            run_name=tracking.run_name(self.config_path),
             log_system_metrics=self.cfg.tracking.log_system_metrics,
         )
         self.mlflow_run_id = run.info.run_id
+        runs.record_start(self.mlflow_run_id, self.flow_run_id, mlflow.get_tracking_uri())
         client = mlflow.tracking.MlflowClient()
         tracking.log_params(client, self.mlflow_run_id, tracking.redact(self.cfg.flat()))
         tags = {
             "instructflow.flow_run_id": self.flow_run_id or "",
+            "instructflow.flow_run_name": flow_run.get_name() or "",
             "instructflow.config_file": self.config_path or "",
             "instructflow.workspace": str(workspace.home()),
         }
@@ -84,21 +106,49 @@ class PipelineRun:
         if self.config_path and Path(self.config_path).is_file():
             mlflow.log_artifact(self.config_path, "config")
         mlflow.log_dict(self.cfg.model_dump(mode="json", by_alias=True), "config/resolved.json")
+        progress.subscribe(self._live_metrics)
         progress.notify(
             "run_started", mlflow_run_id=self.mlflow_run_id, flow_run_id=self.flow_run_id
         )
         return self
 
+    def _live_metrics(self, event: str, payload: dict[str, Any]) -> None:
+        """Step metrics a stage reports while it runs go to MLflow at once (live curves)."""
+        if event == "stage_metrics" and self.mlflow_run_id:
+            stage = payload["stage"]
+            tracking.log_step_metrics(
+                self.mlflow_run_id, stage, int(payload["step"]), payload["metrics"]
+            )
+            self.live_logged.add(stage)
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         import mlflow
 
-        for name in STAGES:
+        progress.unsubscribe(self._live_metrics)
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        if interrupted and self.current:
+            self.stages[self.current] = {"state": "Interrupted", "seconds": 0.0}
+        for name in self.stage_names:
             self.stages.setdefault(
                 name, {"state": "Skipped", "seconds": 0.0, "artifact_digest": None}
             )
         failed = exc_type is not None and exc_type is not StopPipeline
-        mlflow.end_run(status="FAILED" if failed else "FINISHED")
-        progress.notify("run_finished", failed=failed)
+        status = "KILLED" if interrupted else "FAILED" if failed else "FINISHED"
+        try:
+            tracking.describe_run(self.mlflow_run_id, self.description(status))
+            mlflow.end_run(status=status)
+        except Exception:
+            # The store cannot be written now (a full disk, a dead server): the owner record
+            # stays, and the next run (or `instructflow runs --reconcile`) closes this run.
+            if exc_type is None:
+                raise
+        else:
+            runs.record_end(self.mlflow_run_id)
+        progress.notify(
+            "run_finished", failed=failed, interrupted=interrupted, metrics=dict(self.metrics)
+        )
+        if interrupted and not isinstance(exc, interrupts.Interrupted):
+            raise interrupts.Interrupted(self.current or "start-up") from None
         return exc_type is StopPipeline
 
     # -- stages ----------------------------------------------------------------------------
@@ -107,9 +157,11 @@ class PipelineRun:
         name = name or task.name
         self._check_disk(name)
         progress.notify("stage_started", stage=name)
+        self.current = name
         t0 = time.perf_counter()
         state = task(*args, return_state=True, **kwargs)
         seconds = time.perf_counter() - t0
+        self.current = None
         if not state.is_completed():
             reason = _failure_reason(state)
             self.stages[name] = {
@@ -122,7 +174,10 @@ class PipelineRun:
             raise StageFailed(name, reason)
         ref: ArtifactRef = state.result()
         label = "Cached" if state.name == "Cached" else "Completed"
-        figures = tracking.log_stage(self.mlflow_run_id, ref)
+        # A Completed stage that logged its curves live is not logged twice; a Cached one
+        # logs them from its manifest.
+        live = label == "Completed" and name in self.live_logged
+        figures = tracking.log_stage(self.mlflow_run_id, ref, step_metrics=not live)
         self.metrics.update(figures)
         self.stages[name] = {
             "state": label,
@@ -131,6 +186,7 @@ class PipelineRun:
             "summary": ref.meta.get("summary", ""),
         }
         progress.notify("stage_finished", stage=name, **self.stages[name])
+        _run_log(f"{name}: {label} in {seconds:.1f} s. {self.stages[name]['summary']}")
         if self.until == name:
             self.stopped = True
             raise StopPipeline()
@@ -151,11 +207,13 @@ class PipelineRun:
 
         progress.subscribe(listen)
         progress.notify("stage_started", stage=name)
+        self.current = name
         t0 = time.perf_counter()
         try:
             state = task(*args, return_state=True, **kwargs)
         finally:
             progress.unsubscribe(listen)
+        self.current = None
         seconds = round(time.perf_counter() - t0, 3)
         if not state.is_completed():
             reason = _failure_reason(state)
@@ -187,6 +245,23 @@ class PipelineRun:
                 f"(tracking.min_free_disk_mb={floor})",
             )
 
+    def description(self, status: str) -> str:
+        """Markdown for the MLflow run page: what ran, how each stage ended, key figures."""
+        lines = [
+            f"**instructflow run**: {status.lower()}, config `{self.config_path or 'defaults'}`",
+            "",
+            "| stage | state | seconds | figures |",
+            "|---|---|---|---|",
+        ]
+        rows = {**self.stages, **self.helpers}
+        for name in [*self.stage_names, *self.helpers]:
+            row = rows.get(name, {"state": "Skipped"})
+            secs = row.get("seconds")
+            detail = (row.get("summary") or row.get("error") or "").replace("|", "/")
+            secs_text = f"{secs:.1f}" if isinstance(secs, int | float) else ""
+            lines.append(f"| {name} | {row.get('state', '')} | {secs_text} | {detail} |")
+        return "\n".join(lines)
+
     def summary(self) -> dict[str, Any]:
         return {
             "mlflow_run_id": self.mlflow_run_id,
@@ -197,41 +272,23 @@ class PipelineRun:
         }
 
 
-def run_finetune(
-    config_path: str | None, overrides: list[str] | None = None, until: str | None = None
-) -> dict[str, Any]:
-    """Run the finetune flow in-process with its Prefect results kept in the workspace."""
-    from flows.finetune import finetune
+def _run_log(message: str) -> None:
+    """A line in the Prefect flow run's logs (shown in the Prefect UI)."""
+    try:
+        from prefect import get_run_logger
 
-    _start_prefect_api()
-    # A Path (not a block) keeps cache records inside this workspace, whatever the
-    # process-wide Prefect settings say; tasks inherit the flow's result store.
-    flow = finetune.with_options(result_storage=workspace.prefect_results_dir())
-    return flow(config_path=config_path, overrides=overrides or [], until=until)
-
-
-def _start_prefect_api() -> None:
-    """Start (or reach) the Prefect API before the flow, one process at a time.
-
-    Two runs starting together on a fresh workspace would both create the ephemeral API's
-    sqlite database ("table alembic_version already exists"); a file lock serialises that.
-    """
-    import os
-
-    from filelock import FileLock
-    from prefect.client.orchestration import get_client
-
-    lock_dir = Path(os.environ.get("PREFECT_HOME", workspace.home() / "prefect"))
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_dir / ".api-start.lock"), timeout=600):
-        with get_client(sync_client=True) as client:
-            client.hello()
+        get_run_logger().info(message)
+    except Exception:  # outside a flow run (a direct call): nothing to log to
+        pass
 
 
 def _failure_reason(state) -> str:
     try:
         state.result()
     except Exception as exc:  # the task's own exception, re-raised by Prefect
+        explained = errors.explain(exc)
+        if explained:
+            return explained
         text = str(exc).strip().splitlines()
         return text[0] if text else type(exc).__name__
     return state.message or state.name

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+# Its code changes no stage's output (instructflow.codeid does not follow it).
+OUTPUT_NEUTRAL = True
+
 Listener = Callable[[str, dict[str, Any]], None]
 _listeners: list[Listener] = []
 

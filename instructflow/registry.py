@@ -23,9 +23,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
-
-import mlflow.pyfunc
 
 from instructflow.artifacts import MANIFEST, ArtifactRef
 
@@ -36,85 +33,8 @@ DECISION_TAG = "instructflow.gate.decision"
 REASONS_TAG = "instructflow.gate.reasons"
 # train/evaluate/base artifact digests a version was registered from (re-runs reuse it)
 SOURCE_TAG = "instructflow.source_digests"
-GATED_METRICS = ("perplexity", "perplexity_base", "rougeL", "rougeL_base", "win_rate")
 # Libraries the model needs at load time (instructflow itself must be installed too).
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
-
-
-class RegistryError(RuntimeError):
-    pass
-
-
-# -- loading --------------------------------------------------------------------------------
-def _ref_of(path: Path, stage: str) -> ArtifactRef:
-    digest = ""
-    if (path / MANIFEST).is_file():
-        digest = json.loads((path / MANIFEST).read_text())["digest"]
-    return ArtifactRef(stage=stage, path=str(path), digest=digest)
-
-
-def load_finetuned_dirs(train_dir: Path, base_dir: Path):
-    """(model, tokenizer, template) from a train artifact dir and a base-model artifact dir."""
-    from tasks.train import load_finetuned
-
-    train_ref, base_ref = _ref_of(train_dir, "train"), _ref_of(base_dir, "base_model")
-    info = json.loads((train_dir / "train.json").read_text())
-    model, tokenizer = load_finetuned(train_ref, base_ref)
-    return model, tokenizer, info.get("template", "alpaca")
-
-
-class InstructflowModel(mlflow.pyfunc.PythonModel):
-    """Generates answers; columns `instruction` (+ optional `input`) -> `response`."""
-
-    # The model is logged with an explicit signature: skip MLflow's type-hint validation
-    # (and its warning about missing hints, printed on every import of this module).
-    _skip_type_hint_validation = True
-
-    def load_context(self, context):
-        train_dir = Path(context.artifacts["train"])
-        base_dir = Path(context.artifacts["base"])
-        self.model, self.tokenizer, self.template = load_finetuned_dirs(train_dir, base_dir)
-
-    def predict(self, context, model_input, params=None):
-        params = params or {}
-        return [
-            generate(
-                self.model,
-                self.tokenizer,
-                self.template,
-                row.get("instruction", ""),
-                row.get("input") or "",
-                max_new_tokens=int(params.get("max_new_tokens", 64)),
-                temperature=float(params.get("temperature", 0.0)),
-            )
-            for row in _rows(model_input)
-        ]
-
-
-def _rows(model_input) -> list[dict[str, Any]]:
-    if hasattr(model_input, "to_dict"):
-        return model_input.to_dict(orient="records")
-    if isinstance(model_input, dict):
-        return [model_input]
-    if isinstance(model_input, str):
-        return [{"instruction": model_input}]
-    return [r if isinstance(r, dict) else {"instruction": str(r)} for r in model_input]
-
-
-def load_for_inference(uri_or_path: str):
-    """(model, tokenizer, template) from `models:/NAME@alias`, `runs:/...`, a train artifact
-    dir or a PEFT adapter dir (local paths go through `generation.load_model`)."""
-    if "://" not in uri_or_path and not uri_or_path.startswith(("models:/", "runs:/")):
-        from instructflow.generation import load_model
-
-        return load_model(uri_or_path)
-    try:
-        loaded = mlflow.pyfunc.load_model(uri_or_path)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RegistryError(f"{uri_or_path}: cannot load from MLflow ({first})") from None
-    inner = loaded.unwrap_python_model()
-    return inner.model, inner.tokenizer, inner.template
 
 
 def generate(
@@ -179,7 +99,7 @@ def model_code_file(dest: Path) -> Path:
 
 MODEL_CODE = """\
 import mlflow
-from instructflow.registry import InstructflowModel
+from instructflow.pyfunc_model import InstructflowModel
 
 mlflow.models.set_model(InstructflowModel())
 """
@@ -201,85 +121,10 @@ def signature():
 def pip_requirements(method: str) -> list[str]:
     from importlib.metadata import version
 
-    pkgs = list(RUNTIME_PACKAGES) + (["bitsandbytes"] if method == "qlora" else [])
+    from instructflow.training import methods
+
+    pkgs = list(RUNTIME_PACKAGES) + list(methods.get(method).runtime_packages)
     return [f"{p}=={version(p)}" for p in pkgs]
-
-
-# -- the gate -------------------------------------------------------------------------------
-def gate(
-    challenger: dict[str, float],
-    champion: dict[str, float] | None,
-    cfg,
-    same_split: bool = True,
-    judge: dict[str, Any] | None = None,
-) -> tuple[bool, list[str]]:
-    """Promote or not, and why. Metrics: perplexity, rougeL, win_rate(+_low/_high), *_base;
-    `judge`: the evaluate report's judge section (usable?, status, pairwise opponent)."""
-    reasons: list[str] = []
-    ok = True
-    if champion is None:
-        reasons.append(
-            "no champion yet: the first version becomes champion unless a usable judge "
-            "rejects it (ROUGE-L and perplexity rules need a champion)"
-        )
-    passed, reason = _win_rate_rule(challenger, cfg, judge or {})
-    ok &= passed
-    reasons.append(reason)
-    if champion is None:
-        return ok, reasons
-    new, old, how = _comparable(challenger, champion, "rougeL", same_split)
-    if new is None or old is None:
-        reasons.append("ROUGE-L: not measured on both, rule skipped")
-    else:
-        drop = old - new
-        passed = drop <= cfg.max_rougeL_drop
-        ok &= passed
-        reasons.append(
-            f"ROUGE-L{how} {new:.4f} vs champion {old:.4f}: drop {drop:+.4f} "
-            f"{'<=' if passed else '>'} {cfg.max_rougeL_drop}"
-        )
-    new, old, how = _comparable(challenger, champion, "perplexity", same_split)
-    if new is None or old is None or old <= 0:
-        reasons.append("perplexity: not measured on both, rule skipped")
-    else:
-        rise = new / old - 1.0
-        passed = rise <= cfg.max_perplexity_increase
-        ok &= passed
-        reasons.append(
-            f"perplexity{how} {new:.4g} vs champion {old:.4g}: {rise:+.1%} "
-            f"{'<=' if passed else '>'} +{cfg.max_perplexity_increase:.1%}"
-        )
-    return ok, reasons
-
-
-def _win_rate_rule(metrics: dict[str, float], cfg, judge: dict[str, Any]) -> tuple[bool, str]:
-    """The judge rule: the 95 % bootstrap interval's LOWER bound of the pairwise win rate must
-    reach `register.min_win_rate` (not the point estimate), and only a usable judge counts."""
-    win, low, high = (metrics.get(k) for k in ("win_rate", "win_rate_low", "win_rate_high"))
-    if win is None or low is None:
-        return True, "win rate: no pairwise judge result, rule skipped"
-    if not judge.get("usable"):
-        status = judge.get("status") or "judge not calibrated"
-        return True, f"win rate {win:.3f}: {status}; rule skipped"
-    opponent = judge.get("pairwise_opponent", "base")
-    against = "the champion" if opponent == "champion" else "the base model"
-    passed = low >= cfg.min_win_rate
-    return passed, (
-        f"win rate vs {against} {win:.3f}, 95 % interval [{low:.3f}, {high:.3f}]: lower bound "
-        f"{'>=' if passed else '<'} {cfg.min_win_rate}"
-    )
-
-
-def _comparable(new: dict, old: dict, name: str, same_split: bool):
-    """Raw values on the same test split; otherwise each one's gain over its base model."""
-    if same_split:
-        return new.get(name), old.get(name), ""
-    nb, ob = new.get(f"{name}_base"), old.get(f"{name}_base")
-    if None in (new.get(name), old.get(name), nb, ob):
-        return None, None, ""
-    if name == "perplexity":  # ratio to base, so a split change cancels out
-        return new[name] / nb, old[name] / ob, " (relative to base, test splits differ)"
-    return new[name] - nb, old[name] - ob, " (gain over base, test splits differ)"
 
 
 def version_metrics(version) -> dict[str, float]:

@@ -8,6 +8,9 @@ from typing import Any
 
 from instructflow import workspace
 
+# Its code changes no stage's output (instructflow.codeid does not follow it).
+OUTPUT_NEUTRAL = True
+
 HEADLINE = (
     ("perplexity", "perplexity (lower is better)", "{:.2f}"),
     ("exact_match", "exact match", "{:.2f}"),

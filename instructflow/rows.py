@@ -2,7 +2,35 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+
+class RowsError(ValueError):
+    """A JSONL file that cannot be read; the message names the file and line."""
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every non-blank line of a JSONL file as a dict."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise RowsError(f"{path}:{n}: not valid JSON") from None
+    return rows
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]], ascii_only: bool = False) -> None:
+    """One JSON object per line (UTF-8, non-ASCII kept unless `ascii_only`)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=ascii_only) + "\n")
 
 
 def column(row: dict[str, Any], path: str) -> str:

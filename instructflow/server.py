@@ -157,11 +157,9 @@ def create_app(chat: ChatModel):
 
 
 def load_chat_model(spec: str, max_tokens: int = 512) -> ChatModel:
-    try:
-        from instructflow.registry import load_for_inference as load
-    except ImportError:  # registry support not installed: local paths and builtin:tiny only
-        load = generation.load_model
-    model, tok, template = load(spec)
+    from instructflow.loading import load_for_inference
+
+    model, tok, template = load_for_inference(spec)
     model.eval()
     return ChatModel(model, tok, template, model_id=spec, max_tokens=max_tokens)
 

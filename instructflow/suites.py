@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from instructflow import generation, judge, templates
+from instructflow import judge, templates
 
 MT_BENCH_TINY = Path(__file__).parent / "data" / "mt_bench_tiny.jsonl"
 
@@ -144,6 +144,8 @@ def _answer(
 ) -> tuple[list[list[str]], list[str]]:
     """Per question, the answers of every turn, and the prompt of its final turn. Turn k of
     all questions that have one is generated as one batch."""
+    from instructflow import generation
+
     answers: list[list[str]] = [[] for _ in questions]
     finals = [""] * len(questions)
     for k in range(max(len(q["turns"]) for q in questions)):

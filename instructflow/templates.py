@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-# Bump when the rendered text of any template changes (it is also in the tokenize cache key,
-# since tokenize lists this module in its code_deps).
+# Bump when the rendered text of any template changes (logged as a tokenize param; the code
+# itself is in the tokenize key through instructflow.codeid).
 TEMPLATE_VERSION = 1
 TEMPLATES = ("alpaca", "chatml", "chat_template")
 
@@ -33,6 +33,8 @@ ALPACA_HEADER_INPUT = (
     "further context. Write a response that appropriately completes the request.\n\n"
 )
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# The label of a token that carries no loss (what transformers' loss functions skip).
+IGNORE_INDEX = -100
 
 Segments = list[tuple[str, bool]]
 

@@ -5,8 +5,10 @@ manifest `meta`, and `log_stage` records them. So a Cached stage (whose code did
 still fills the new run completely.
 
 Recognised `meta` keys (all optional):
-  metrics:      {name: number}                       -> "<stage>.<name>"
-  step_metrics: {name: [[step, value], ...]}         -> "<stage>.<name>" with steps
+  metrics:      {name: number}                       -> metric "<stage>/<name>" (a chart)
+  step_metrics: {name: [[step, value], ...]}         -> metric "<stage>/<name>" with steps
+  figures:      {name: number}                       -> "<stage>/figures.json" (bookkeeping:
+                                                        counts and sizes, no chart)
   log_files:    [relpath, ...]                       -> artifacts under "<stage>/"
   log_dirs:     [relpath, ...]                       -> artifacts under "<stage>/<relpath>"
   datasets:     [{file, name, context}]              -> mlflow.log_input, digest = file sha256
@@ -14,6 +16,9 @@ Recognised `meta` keys (all optional):
   params:       {name: value}                        -> "<stage>.out.<name>" params
   tags:         {name: value}                        -> run tags
   summary:      short text for the CLI table
+Metric names group by stage in the MLflow UI (`metric_name`): `train/loss`, `evaluate/rougeL`,
+the base model's twins under `evaluate/base/...`, per-task exact match under `evaluate/em/...`.
+The artifact's digest is the tag `instructflow.digest.<stage>`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ from typing import Any
 from instructflow import workspace
 from instructflow.artifacts import ArtifactRef, sha256_file
 
+# Its code changes no stage's output (instructflow.codeid does not follow it).
+OUTPUT_NEUTRAL = True
+
 SECRET_HINTS = ("api_key", "apikey", "secret", "password", "token")
+DIGEST_TAG = "instructflow.digest."
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 _MAX_PARAM_LEN = 6000
 
 
@@ -96,13 +106,32 @@ def _setup(uri: str, experiment: str, on_unreachable: str) -> str:
         # Without an explicit location artifacts land in ./mlruns of the current directory.
         location = (workspace.mlflow_artifact_root() / experiment).as_uri()
     try:
-        return mlflow.create_experiment(experiment, artifact_location=location)
+        # MLflow 3 opens an experiment of unknown kind on its GenAI (traces) pages; these
+        # runs are model training, whose page lists the runs and their charts.
+        return mlflow.create_experiment(
+            experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: "finetuning"}
+        )
     except Exception:
         # Created concurrently by another process.
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def describe_run(run_id: str, markdown: str) -> None:
+    """The run's description in the MLflow UI (the note shown on its overview page)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_tag(run_id, "mlflow.note.content", markdown)
+
+
+def run_name(config_path: str | None) -> str:
+    """A run name that says what ran and when: the config's name and the start time."""
+    import time
+
+    stem = Path(config_path).stem if config_path else "defaults"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def redact(flat: dict[str, Any]) -> dict[str, Any]:
@@ -135,8 +164,30 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_stage(run_id: str, ref: ArtifactRef) -> dict[str, Any]:
-    """Record a stage's artifact in the run; returns its flat metrics (for the CLI)."""
+def metric_name(stage: str, key: str) -> str:
+    """`perplexity_base` -> `evaluate/base/perplexity`, `em.capital` -> `evaluate/em/capital`."""
+    base = key.endswith("_base")
+    key = (key[: -len("_base")] if base else key).replace(".", "/")
+    return f"{stage}/base/{key}" if base else f"{stage}/{key}"
+
+
+def log_step_metrics(run_id: str, stage: str, step: int, values: dict[str, float]) -> None:
+    """One step's metrics of a running stage, now (real timestamps: live curves in the UI)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = _now_ms()
+    batch = [
+        Metric(metric_name(stage, k), float(v), now, step) for k, v in values.items() if _num(v)
+    ]
+    if batch:
+        MlflowClient().log_batch(run_id, metrics=batch)
+
+
+def log_stage(run_id: str, ref: ArtifactRef, step_metrics: bool = True) -> dict[str, Any]:
+    """Record a stage's artifact in the run; returns its figures and metrics by their metric
+    names (for the CLI summary). `step_metrics=False`: the stage already logged its curves
+    live (log_step_metrics)."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -147,20 +198,25 @@ def log_stage(run_id: str, ref: ArtifactRef) -> dict[str, Any]:
     meta = ref.meta
     now = _now_ms()
 
-    metrics = {f"{stage}.{k}": float(v) for k, v in meta.get("metrics", {}).items() if _num(v)}
+    metrics = {
+        metric_name(stage, k): float(v) for k, v in meta.get("metrics", {}).items() if _num(v)
+    }
     batch = [Metric(k, v, now, 0) for k, v in metrics.items()]
-    for name, series in meta.get("step_metrics", {}).items():
-        batch += [Metric(f"{stage}.{name}", float(v), now, int(s)) for s, v in series if _num(v)]
+    for name, series in meta.get("step_metrics", {}).items() if step_metrics else ():
+        key = metric_name(stage, name)
+        batch += [Metric(key, float(v), now, int(s)) for s, v in series if _num(v)]
     for i in range(0, len(batch), 1000):
         client.log_batch(run_id, metrics=batch[i : i + 1000])
 
     # Under "<stage>.out." so a stage's own params can never collide with the config's
     # "<stage>.<key>" params (MLflow refuses to change a logged param and fails the run).
     params = {f"{stage}.out.{k}": v for k, v in meta.get("params", {}).items()}
-    params[f"{stage}.artifact_digest"] = ref.digest
     log_params(client, run_id, params)
-    for k, v in meta.get("tags", {}).items():
+    for k, v in {**meta.get("tags", {}), f"{DIGEST_TAG}{stage}": ref.digest}.items():
         client.set_tag(run_id, k, str(v))
+    figures = {metric_name(stage, k): v for k, v in meta.get("figures", {}).items() if _num(v)}
+    if figures:
+        client.log_dict(run_id, meta["figures"], f"{stage}/figures.json")
 
     for rel in meta.get("log_files", []):
         path = ref.file(rel)
@@ -177,7 +233,7 @@ def log_stage(run_id: str, ref: ArtifactRef) -> dict[str, Any]:
         for table in meta.get("tables", []):
             data = json.loads(ref.file(table["file"]).read_text(encoding="utf-8"))
             mlflow.log_table(data, artifact_file=table["artifact_file"])
-    return metrics
+    return {**figures, **metrics}
 
 
 def _log_dataset(ref: ArtifactRef, ds: dict[str, Any]) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Not part of stage code digests (instructflow.codeid): it decides where files go, not what
+# they hold.
+OUTPUT_NEUTRAL = True
 DEFAULT_HOME = ".instructflow"
 
 
@@ -55,6 +58,8 @@ def configure(path: str | os.PathLike[str] | None = None) -> Path:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "true",
         "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        # ...but the flow run's own lines (one per stage) reach the Prefect UI's run logs.
+        "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "INFO",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         # MLflow's default HTTP retries back off for minutes: a dead server must fail fast.

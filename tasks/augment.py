@@ -7,7 +7,6 @@ user message) rephrased; it gets a new id, `augmented_from` = the source id, and
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import AugmentConfig
+from instructflow.rows import read_jsonl, write_jsonl
 
 # name -> rewrite of an instruction; `body` is the instruction with a lower-cased first letter.
 REWRITES = {
@@ -83,17 +83,6 @@ def augment_rows(rows: list[dict[str, Any]], cfg: AugmentConfig) -> list[dict[st
     return [*rows, *extra]
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def augment(clean: ArtifactRef, cfg: AugmentConfig) -> ArtifactRef:
     rows = read_jsonl(clean.file("clean.jsonl"))
     out = augment_rows(rows, cfg)
@@ -103,7 +92,7 @@ def augment(clean: ArtifactRef, cfg: AugmentConfig) -> ArtifactRef:
     def write(tmp: Path) -> dict[str, Any]:
         write_jsonl(tmp / "rows.jsonl", out)
         return {
-            "metrics": {
+            "figures": {
                 "rows_in": len(rows),
                 "augmented": len(added),
                 "rows_out": len(out),

@@ -26,6 +26,7 @@ from instructflow.artifacts import ArtifactRef, sha256_file, write_artifact
 from instructflow.builtin import model as builtin
 from instructflow.caching import stage_task
 from instructflow.config import ModelConfig
+from instructflow.loading import load_tokenizer
 
 BUILTIN_TINY = builtin.NAME
 CHATML_TEMPLATE = builtin.CHATML_TEMPLATE
@@ -59,7 +60,7 @@ def _load_hub_tokenizer(cfg: ModelConfig):
 
 def prepare_tokenizer(cfg: ModelConfig) -> ArtifactRef:
     builtin_tiny = cfg.name_or_path == BUILTIN_TINY
-    tok = builtin.build_tokenizer() if builtin_tiny else _load_hub_tokenizer(cfg)
+    tok = builtin.cached_tokenizer() if builtin_tiny else _load_hub_tokenizer(cfg)
 
     def write(tmp: Path) -> dict[str, Any]:
         tok.save_pretrained(str(tmp))
@@ -69,13 +70,6 @@ def prepare_tokenizer(cfg: ModelConfig) -> ArtifactRef:
         }
 
     return write_artifact("tokenizer", write)
-
-
-def load_tokenizer(ref: ArtifactRef | str | Path):
-    from transformers import AutoTokenizer
-
-    path = ref.path if isinstance(ref, ArtifactRef) else str(ref)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def _local_weights_digest(path: Path) -> str:
@@ -121,15 +115,16 @@ def prepare_base_model(cfg: ModelConfig, tokenizer: ArtifactRef) -> ArtifactRef:
         else:
             info.update(kind="hub", revision=_hub_revision(cfg))
             n_params, summary = None, f"hub {cfg.name_or_path}"
+        info["max_positions"] = _max_positions(tmp, info)
         (tmp / "model.json").write_text(json.dumps(info, indent=1, sort_keys=True))
         meta: dict[str, Any] = {
             "params": {"kind": info["kind"], "name_or_path": info["name_or_path"]},
             "summary": summary,
         }
         if n_params:
-            meta["metrics"] = {"parameters": n_params}
+            meta["figures"] = {"parameters": n_params}
         if info.get("pretrain"):
-            meta["metrics"].update(
+            meta["figures"].update(
                 {f"probe_{k}": v for k, v in info["pretrain"]["probe"].items()},
                 pretrain_seconds=info["pretrain"]["seconds"],
             )
@@ -140,6 +135,22 @@ def prepare_base_model(cfg: ModelConfig, tokenizer: ArtifactRef) -> ArtifactRef:
     # The manifest's summary is the first publisher's; this run's own outcome goes out here.
     progress.notify("stage_state", stage="base_model", **outcome)
     return ref
+
+
+def _max_positions(tmp: Path, info: dict[str, Any]) -> int | None:
+    """The longest sequence the base accepts (None when its config can't be read, e.g. a hub
+    id offline): train checks tokenize.max_length against it before it loads anything."""
+    from transformers import AutoConfig
+
+    source = tmp / info["weights"] if info["kind"] == "builtin" else info["name_or_path"]
+    try:
+        config = AutoConfig.from_pretrained(
+            str(source), revision=info.get("revision"), trust_remote_code=info["trust_remote_code"]
+        )
+    except Exception:
+        return None
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(limit) if limit else None
 
 
 def _pretrained_builtin(tokenizer: ArtifactRef) -> tuple[Path, bool]:
@@ -166,38 +177,6 @@ def _pretrain_card(bundle: Path) -> dict[str, Any]:
     info = builtin.bundle_info(bundle)
     keep = ("cache_key", "parameters", "seconds", "tokens", "final_loss", "probe", "recipe")
     return {k: info[k] for k in keep if k in info}
-
-
-def model_info(ref: ArtifactRef) -> dict[str, Any]:
-    return json.loads(ref.file("model.json").read_text())
-
-
-def base_model_source(ref: ArtifactRef) -> tuple[str, dict[str, Any]]:
-    """(path or hub id, from_pretrained kwargs) of the base weights this artifact refers to."""
-    info = model_info(ref)
-    kwargs: dict[str, Any] = {
-        "trust_remote_code": bool(info.get("trust_remote_code")),
-        "use_safetensors": True,
-    }
-    if info.get("attn_implementation"):
-        kwargs["attn_implementation"] = info["attn_implementation"]
-    if info["kind"] == "builtin":
-        return str(ref.file(info["weights"])), kwargs
-    if info["kind"] == "hub" and info.get("revision"):
-        kwargs["revision"] = info["revision"]
-    return info["name_or_path"], kwargs
-
-
-def load_base_model(ref: ArtifactRef, **overrides: Any):
-    """Load the base causal LM (safetensors only); `overrides` go to from_pretrained."""
-    from transformers import AutoModelForCausalLM
-
-    source, kwargs = base_model_source(ref)
-    kwargs.update(overrides)
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except Exception as exc:
-        raise ModelError(f"{source}: base model could not be loaded ({exc})") from None
 
 
 tokenizer_task = stage_task("tokenizer", cache=False)(prepare_tokenizer)

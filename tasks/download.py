@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from instructflow import demo_data
+from instructflow import demo_data, sources
 from instructflow.artifacts import ArtifactRef, sha256_file, write_artifact
-from instructflow.builtin import world
 from instructflow.caching import stage_task
 from instructflow.config import DataConfig
 
@@ -27,17 +26,10 @@ class DownloadError(RuntimeError):
 
 
 def source_kind(source: str) -> str:
-    if source.startswith("builtin:"):
-        return "builtin"
-    if source.startswith(("http://", "https://")):
-        return "url"
-    if "://" in source:
-        raise DownloadError(f"{source}: only http(s) URLs, local paths and hub ids are supported")
-    if Path(source).exists():
-        return "local"
-    if source.count("/") == 1 and not source.startswith((".", "/")):
-        return "hub"
-    raise DownloadError(f"{source}: no such file or directory (and not a hub dataset id)")
+    try:
+        return sources.source_kind(source)
+    except sources.SourceError as exc:
+        raise DownloadError(str(exc)) from None
 
 
 def local_files(source: str) -> list[Path]:
@@ -199,7 +191,7 @@ def download(cfg: DataConfig) -> ArtifactRef:
         source = {"source": cfg.source, "kind": kind, "files": [p.name for p in files]}
         (tmp / "source.json").write_text(json.dumps(source, indent=1))
         return {
-            "metrics": {"bytes": total, "files": len(files)},
+            "figures": {"bytes": total, "files": len(files)},
             "params": {"source": cfg.source, "kind": kind},
             "log_files": ["source.json"],
             "summary": f"{len(files)} file(s), {total / 1e6:.2f} MB from {kind}",
@@ -213,6 +205,6 @@ def data_files(ref: ArtifactRef) -> list[Path]:
     return sorted(p for p in (ref.dir / "data").rglob("*") if p.is_file())
 
 
-download_task = stage_task(
-    "download", code_deps=[demo_data, world], key_extra=lambda inputs: fingerprint(inputs["cfg"])
-)(download)
+download_task = stage_task("download", key_extra=lambda inputs: fingerprint(inputs["cfg"]))(
+    download
+)

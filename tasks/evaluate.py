@@ -15,12 +15,23 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from instructflow import generation, judge, judge_prompts, progress, semantic, suites, templates
+from instructflow import plots, progress, suites, templates
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import local_files_digest, stage_task
 from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
 from instructflow.metrics import metric_key, per_group, text_metrics
-from instructflow.rows import column
+from instructflow.rows import column, read_jsonl
+
+# Counts, not quality: they go to evaluate/figures.json, not to MLflow charts.
+BOOKKEEPING = (
+    "test_examples",
+    "wins",
+    "ties",
+    "losses",
+    "judge_failed_single",
+    "judge_failed_pairs",
+    "bertscore_layer",
+)
 
 
 class EvaluateError(RuntimeError):
@@ -31,15 +42,7 @@ def load_rows(splits: ArtifactRef, limit: int | None) -> list[dict[str, Any]]:
     path = splits.file("test.jsonl")
     if not path.is_file():
         raise EvaluateError(f"{path}: split artifact has no test.jsonl")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise EvaluateError(f"{path}:{n}: not valid JSON") from None
+    rows = read_jsonl(path)
     if not rows:
         raise EvaluateError(f"{path}: the test split is empty (raise split.test)")
     return rows[:limit] if limit else rows
@@ -96,18 +99,17 @@ def evaluate(
     tokenize_cfg: TokenizeConfig,
     cfg: EvaluateConfig,
     judge_cfg: JudgeConfig,
-    champion_outputs: Callable[[list[dict[str, Any]]], list[str] | None] | None = None,
 ) -> ArtifactRef:
-    """`champion_outputs(rows)`: optional hook giving the registered champion's answers; when it
-    returns some, pairwise judging compares against the champion instead of the base."""
+    """The fine-tuned model vs its base on the test split (pairwise judging: against the
+    base; the gate compares the other figures with the registered champion's)."""
     import torch
 
-    from tasks.train import load_finetuned
+    from instructflow import generation, judge, judge_prompts, loading, semantic
 
     rows = load_rows(splits, cfg.max_examples)
     scored = scored_examples(tokenized, cfg.max_examples)
     template = tokenize_cfg.template
-    ft_model, tok = load_finetuned(model, base)
+    ft_model, tok = loading.load_finetuned(model, base)
     prompts = [templates.generation_prompt(r, template, tok) for r in rows]
     refs = [templates.reference(r) for r in rows]
     asked = [templates.instruction_and_context(r) for r in rows]
@@ -175,9 +177,7 @@ def evaluate(
         if hasattr(ft_model, "disable_adapter"):
             base_model, ctx = ft_model, ft_model.disable_adapter()
         else:
-            from tasks.base_model import load_base_model
-
-            base_model, ctx = load_base_model(base, dtype=torch.float32), nullcontext()
+            base_model, ctx = loading.load_base_model(base, dtype=torch.float32), nullcontext()
         with ctx:
             metrics["perplexity_base"], _, base_out = run_model(base_model, "base")
             run_suites(base_model, "base", "_base")
@@ -224,15 +224,12 @@ def evaluate(
         metrics["bertscore_layer"] = bs["num_layers"]
 
     items = [judge.Item(i, c, ref) for (i, c), ref in zip(asked, refs, strict=True)]
-    opponent, opponent_name = base_out, "base"
-    champion = champion_outputs(rows) if champion_outputs else None
-    if champion is not None:
-        opponent, opponent_name = champion, "champion"
+    opponent_name = "base"
     verdicts = judge.run_judge(
         judge_cfg,
         items,
         ft_out,
-        opponent,
+        base_out,
         progress=lambda m: progress.notify("stage_progress", stage="evaluate", message=m),
     )
     metrics.update(verdicts.metrics)
@@ -279,7 +276,7 @@ def evaluate(
             if records:
                 (tmp / name).write_text(json.dumps(as_columns(records), indent=1, default=str))
                 tables.append({"file": name, "artifact_file": f"evaluate/{name}"})
-        plot_scores(columns, tmp / "scores.png")
+        plots.score_histograms(columns, tmp / "scores.png")
         summary = f"ppl {metrics['perplexity']:.2f}"
         if "perplexity_base" in metrics:
             summary += f" (base {metrics['perplexity_base']:.2f})"
@@ -291,8 +288,10 @@ def evaluate(
             summary += f", win rate {metrics['win_rate']:.2f}"
             if not verdicts.usable:
                 summary += " (judge untrusted, not used)"
+        counts = {k: v for k, v in metrics.items() if k in BOOKKEEPING or k.endswith(".failures")}
         return {
-            "metrics": metrics,
+            "metrics": {k: v for k, v in metrics.items() if k not in counts},
+            "figures": counts,
             "params": params,
             "log_files": ["report.json", "scores.png"],
             "tables": tables,
@@ -308,27 +307,6 @@ def as_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {k: [r.get(k) for r in records] for k in keys}
 
 
-def plot_scores(columns: dict[str, list[Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("bleu", "BLEU"), ("rougeL", "ROUGE-L F1"), ("judge_score", "judge score (1-10)")]
-    panels = [p for p in panels if any(v is not None for v in columns.get(p[0], []))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels, strict=True):
-        for suffix, label in (("", "fine-tuned"), ("_base", "base")):
-            values = [v for v in columns.get(key + suffix, []) if v is not None]
-            if values:
-                ax.hist(values, bins=20, alpha=0.6, label=label)
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def suite_files(inputs: dict[str, Any]) -> dict[str, str]:
     """Cache-key material: the contents of the local files the evaluate config names."""
     cfg: EvaluateConfig = inputs["cfg"]
@@ -338,6 +316,5 @@ def suite_files(inputs: dict[str, Any]) -> dict[str, str]:
 
 evaluate_task = stage_task(
     "evaluate",
-    code_deps=[generation, judge, judge_prompts, templates, suites, semantic],
     key_extra=suite_files,
 )(evaluate)

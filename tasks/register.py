@@ -10,12 +10,14 @@ and `decision.json` in this stage's artifact.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from instructflow import registry, tracking
+from instructflow import gate, registry, tracking
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import RegisterConfig
@@ -45,8 +47,10 @@ def _active_run() -> tuple[str, bool]:
     return mlflow.start_run(experiment_id=exp, run_name="register").info.run_id, True
 
 
-def model_card(name: str, run_id: str, train: dict, base: dict, params: dict, metrics, judge):
-    digests = {k: v for k, v in sorted(params.items()) if k.endswith(".artifact_digest")}
+def model_card(
+    name: str, run_id: str, train: dict, base: dict, params: dict, digests: dict, metrics, judge
+):
+    """The version's description: base, data digests (stage -> digest), config, metrics."""
     config = {
         k: v
         for k, v in sorted(params.items())
@@ -71,7 +75,7 @@ def model_card(name: str, run_id: str, train: dict, base: dict, params: dict, me
         f"**Base model**: {ref}; {where}.",
         "",
         "## Data (artifact digests)",
-        *[f"- `{k.removesuffix('.artifact_digest')}`: `{v}`" for k, v in digests.items()],
+        *[f"- `{k}`: `{v}`" for k, v in sorted(digests.items())],
         "",
         "## Metrics (test split)",
         *[f"- {k}: {v:.4g}" for k, v in sorted(metrics.items())],
@@ -108,26 +112,38 @@ def register(
         same = _registered_from(client, cfg.model_name, source)
         if same is not None:
             return _unchanged(client, cfg, run_id, same)
-        params = client.get_run(run_id).data.params
+        data = client.get_run(run_id).data
+        params = data.params
+        digests = {
+            k.removeprefix(tracking.DIGEST_TAG): v
+            for k, v in data.tags.items()
+            if k.startswith(tracking.DIGEST_TAG)
+        }
         metrics, judge = report_metrics(report)
-        split_digest = params.get("split.artifact_digest", "")
+        split_digest = digests.get("split", "")
         train_info = json.loads(model.file("train.json").read_text())
         base_info = json.loads(base.file("model.json").read_text())
-        card = model_card(cfg.model_name, run_id, train_info, base_info, params, metrics, judge)
+        card = model_card(
+            cfg.model_name, run_id, train_info, base_info, params, digests, metrics, judge
+        )
         with tempfile.TemporaryDirectory() as tmp:
             artifacts = registry.stage_model_files(model, base, card, Path(tmp))
-            # The active run is the pipeline's (or the one started above).
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(registry.model_code_file(Path(tmp))),
-                artifacts=artifacts,
-                signature=registry.signature(),
-                pip_requirements=registry.pip_requirements(train_info.get("method", "")),
-                registered_model_name=cfg.model_name,
-                metadata={"base_model": base_info, "template": train_info.get("template")},
-            )
+            # The active run is the pipeline's (or the one started above). MLflow prints
+            # "Successfully registered model ..." to stderr: the stage's summary says it.
+            with contextlib.redirect_stderr(io.StringIO()):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(registry.model_code_file(Path(tmp))),
+                    artifacts=artifacts,
+                    signature=registry.signature(),
+                    pip_requirements=registry.pip_requirements(train_info.get("method", "")),
+                    registered_model_name=cfg.model_name,
+                    metadata={"base_model": base_info, "template": train_info.get("template")},
+                )
         version = str(info.registered_model_version)
-        tags = {f"{registry.METRIC_TAG}{k}": str(v) for k, v in metrics.items()}
+        # A few key figures as tags (what the gate compares with); the rest is in the card.
+        kept = {n for r in gate.RULES for n in (r.metric, f"{r.metric}_base")}
+        tags = {f"{registry.METRIC_TAG}{k}": str(v) for k, v in metrics.items() if k in kept}
         tags[registry.SPLIT_TAG] = split_digest
         tags[registry.SOURCE_TAG] = source
         for k, v in tags.items():
@@ -140,7 +156,7 @@ def register(
             champ = None
         champ_metrics = registry.version_metrics(champ) if champ is not None else None
         same = champ is None or champ.tags.get(registry.SPLIT_TAG, "") == split_digest
-        promoted, reasons = registry.gate(metrics, champ_metrics, cfg, same_split=same, judge=judge)
+        promoted, reasons = gate.gate(metrics, champ_metrics, cfg, same_split=same, judge=judge)
         if promoted:
             client.set_registered_model_alias(cfg.model_name, registry.CHAMPION, version)
         verdict = "promoted" if promoted else "rejected"
@@ -221,7 +237,7 @@ def _publish(decision: dict, cfg: RegisterConfig, summary: str, tags=None) -> Ar
             "summary": summary,
         }
         if decision["version"] is not None:
-            meta["metrics"] = {
+            meta["figures"] = {
                 "version": decision["version"],
                 "promoted": int(decision["promoted"]),
             }

@@ -20,11 +20,9 @@ import numpy as np
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import SplitConfig
-from instructflow.rows import column
-from tasks.augment import read_jsonl, write_jsonl
+from instructflow.rows import column, read_jsonl, write_jsonl
 
 SPLITS = ("train", "validation", "test")
-MIN_ROWS_FOR_TEST = 20
 
 
 class SplitError(ValueError):
@@ -163,7 +161,7 @@ def split(augmented: ArtifactRef, cfg: SplitConfig) -> ArtifactRef:
         (tmp / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
         n = report["rows"]
         return {
-            "metrics": {
+            "figures": {
                 **{f"rows_{k}": v for k, v in n.items()},
                 "groups": report["groups"],
                 "decontaminated": report["decontaminated"],

@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from instructflow import fast_bpe, templates
+from instructflow import fast_bpe, loading, plots, templates
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import TokenizeConfig
 from tasks.split import SPLITS, read_split
 
-IGNORE = -100
+IGNORE = templates.IGNORE_INDEX
 CHECK_ROWS = 256
 
 
@@ -296,29 +296,8 @@ def length_stats(lengths: np.ndarray) -> dict[str, float]:
     }
 
 
-def plot_lengths(per_split: dict[str, np.ndarray], max_length: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, lengths in per_split.items():
-        if len(lengths):
-            ax.hist(lengths, bins=40, alpha=0.6, label=f"{name} ({len(lengths)})")
-    ax.axvline(max_length, color="k", linestyle="--", label=f"max_length {max_length}")
-    ax.set_xlabel("tokens per example")
-    ax.set_ylabel("examples")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: stable bytes
-    plt.close(fig)
-
-
 def tokenize(splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig) -> ArtifactRef:
-    from tasks.base_model import load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
+    tok = loading.load_tokenizer(tokenizer)
     backend = fast_backend(tok)
 
     def write(tmp: Path) -> dict[str, Any]:
@@ -348,14 +327,14 @@ def tokenize(splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig) -
         report["method"] = sorted({p["method"] for p in parts})
         report["engine"] = sorted({p["engine"] for p in parts})
         (tmp / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-        plot_lengths(lengths, cfg.max_length, tmp / "token_hist.png")
+        plots.token_lengths(lengths, cfg.max_length, tmp / "token_hist.png")
         if total["rows"] == 0 or report["splits"]["train"]["rows"] == 0:
             raise ValueError(
                 f"no training examples left: {total['dropped_too_long']} longer than "
                 f"tokenize.max_length={cfg.max_length} (raise it or use truncation: truncate)"
             )
         return {
-            "metrics": metrics,
+            "figures": metrics,
             "params": {"template_version": templates.TEMPLATE_VERSION},
             "log_files": ["report.json", "token_hist.png"],
             "summary": (
@@ -367,4 +346,4 @@ def tokenize(splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig) -
     return write_artifact("tokenize", write)
 
 
-tokenize_task = stage_task("tokenize", code_deps=[templates])(tokenize)
+tokenize_task = stage_task("tokenize")(tokenize)

@@ -1,13 +1,9 @@
-"""train stage: QLoRA / LoRA / full fine-tuning of a causal LM with transformers' Trainer.
+"""train stage: fine-tune the base model by `train.method` (instructflow.training.methods:
+QLoRA, LoRA, DoRA, full) with transformers' Trainer (instructflow.training.trainer).
 
-Batches are packed without cross-contamination (instructflow.training.packing: examples of a
-step share one row, position_ids restart, attention runs per example; a probe checks each
-model, else length-grouped padding; `per_device_batch_size` is the token budget), checkpoints
-go to the stage's work dir (`workspace.work_dir("train", <cache key>)`) and a rerun with the
-same key resumes from the last complete one. `train.nproc > 1` runs the same code under
-torchrun (DDP: gloo on CPU, nccl on GPU); only rank 0 writes outputs. Figures go into the
-manifest meta for `tracking.log_stage`; the HF MLflow callback is off, so checkpoints are
-never mirrored into MLflow.
+Checkpoints go to the stage's work dir (`workspace.work_dir("train", <cache key>)`), so a
+rerun with the same key resumes from the last complete one. Figures go into the manifest meta
+for `tracking.log_stage`.
 
 Output (artifacts/train/<digest>/): adapter/ (or model/ for method full), tokenizer/ (the
 tokenizer artifact's files, byte for byte), train.json, loss_curve.png, merged/ if merge.
@@ -15,35 +11,36 @@ tokenizer artifact's files, byte for byte), train.json, loss_curve.png, merged/ 
 
 from __future__ import annotations
 
-import inspect
 import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from instructflow import workspace
-from instructflow.artifacts import MANIFEST, ArtifactRef, write_artifact
-from instructflow.caching import code_digest, inputs_key, stage_task
+from instructflow import codeid, loading, plots, workspace
+from instructflow.artifacts import ArtifactRef, write_artifact
+from instructflow.caching import inputs_key, stage_task
 from instructflow.config import TrainConfig
-from instructflow.training import callbacks, packing
+from instructflow.training import methods, trainer
+from instructflow.training.trainer import TrainError
 
-ROOT = Path(__file__).resolve().parents[1]
-CODE_DEPS = (packing, callbacks)
-
-
-class TrainError(RuntimeError):
-    pass
+__all__ = ["TrainError", "train", "train_task", "work_key"]
+# What gets a chart in MLflow; the rest of train.json's figures are bookkeeping (figures.json).
+CHART_METRICS = (
+    "final_loss",
+    "best_eval_loss",
+    "mean_useful_tokens_per_s",
+    "mean_padding_fraction",
+)
 
 
 # -- stage ----------------------------------------------------------------------------------
 def train(
     tokenized: ArtifactRef, base: ArtifactRef, tokenizer: ArtifactRef, cfg: TrainConfig
 ) -> ArtifactRef:
+    check_lengths(tokenized, base)
+    method = methods.get(cfg.method.name)
+    if cfg.merge and not method.mergeable:
+        raise TrainError(f"train.merge: method {method.name} has no adapter to merge")
     key = work_key(tokenized, base, tokenizer, cfg)
     work = workspace.work_dir("train", key)
     spec = {
@@ -57,12 +54,12 @@ def train(
     def write(tmp: Path) -> dict[str, Any]:
         spec["out"] = str(tmp)
         if cfg.nproc > 1:
-            _launch_torchrun(spec, cfg.nproc)
+            trainer.launch_torchrun(spec, cfg.nproc)
         else:
-            run_training(spec)
+            trainer.run_training(spec)
         info = json.loads((tmp / "train.json").read_text())
-        plot_loss_curve(info["step_metrics"], tmp / "loss_curve.png")
-        if cfg.merge and cfg.method != "full":
+        plots.loss_curve(info["step_metrics"], tmp / "loss_curve.png")
+        if cfg.merge:
             _write_merged(tmp, base)
         return _meta(info, cfg)
 
@@ -73,466 +70,49 @@ def train(
     return ref
 
 
+def check_lengths(tokenized: ArtifactRef, base: ArtifactRef) -> None:
+    """tokenize.max_length is bounded by the config alone until the model is known: here it
+    is, and a longer sequence would index past the position table (a CUDA assert, or silently
+    wrong rotary positions), so it is refused in one line before anything loads."""
+    limit = json.loads(base.file("model.json").read_text()).get("max_positions")
+    asked = json.loads(tokenized.file("report.json").read_text())["max_length"]
+    if limit and asked > limit:
+        name = base.meta.get("params", {}).get("name_or_path", "the base model")
+        raise TrainError(
+            f"tokenize.max_length={asked} is above {name}'s max_position_embeddings={limit}; "
+            f"set tokenize.max_length <= {limit}"
+        )
+
+
 def work_key(tokenized, base, tokenizer, cfg: TrainConfig) -> str:
     """The stage's cache key (same inputs and code -> same work dir, so reruns resume)."""
-    files = [inspect.getsourcefile(train)] + [inspect.getsourcefile(m) for m in CODE_DEPS]
     inputs = {"tokenized": tokenized, "base": base, "tokenizer": tokenizer, "cfg": cfg}
-    return inputs_key("train", code_digest(files), inputs)
+    return inputs_key("train", codeid.digest(__file__), inputs)
 
 
 def _meta(info: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
-    out_dir = "model" if cfg.method == "full" else "adapter"
+    out_dir = "model" if methods.get(cfg.method.name).peft_config is None else "adapter"
     m = info["metrics"]
     loss = m.get("best_eval_loss", m.get("final_loss", float("nan")))
+    charts = {k: v for k, v in m.items() if k in CHART_METRICS}
     return {
-        "metrics": m,
+        "metrics": charts,
+        "figures": {k: v for k, v in m.items() if k not in charts},
         "step_metrics": info["step_metrics"],
         # Not "train.packing"/"train.precision": those config params hold the requested values.
         "params": {"packing_mode": info["packing"], "precision_resolved": info["precision"]},
         "log_files": ["train.json", "loss_curve.png"],
         "log_dirs": [out_dir, "tokenizer"] + (["merged"] if cfg.merge else []),
-        "summary": f"{cfg.method}, {m['steps']} steps, loss {loss:.3f}, {info['packing']}",
+        "summary": f"{cfg.method.name}, {m['steps']} steps, loss {loss:.3f}, {info['packing']}",
     }
-
-
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """Newest checkpoint whose trainer_state.json (the Trainer writes it last) is intact."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for p in folder.glob("checkpoint-*"):
-        try:
-            step = int(p.name.split("-", 1)[1])
-            state = json.loads((p / "trainer_state.json").read_text())
-        except (ValueError, OSError):
-            continue
-        if state.get("global_step") == step:
-            found.append((step, p))
-    return max(found)[1] if found else None
-
-
-# -- the training run (in-process, or one torchrun rank) ---------------------------------------
-def resolve_precision(requested: str) -> str:
-    """auto: bf16 on GPUs that compute it natively, fp16 on older GPUs, fp32 on CPU.
-
-    CPUs without native bf16 run bf16 matmuls ~20x slower than fp32 (measured here).
-    """
-    import torch
-
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def _dtype(precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
-def _load_splits(path: Path, max_eval: int | None):
-    import datasets
-
-    def load(name: str):
-        d = path / name
-        if not d.is_dir():
-            return None
-        ds = datasets.load_from_disk(str(d))
-        missing = {"input_ids", "labels"} - set(ds.column_names)
-        if missing:
-            raise TrainError(f"{d}: missing column(s) {', '.join(sorted(missing))}")
-        return ds
-
-    train_ds = load("train")
-    if train_ds is None or len(train_ds) == 0:
-        raise TrainError(f"tokenized artifact {path}: train/ split is missing or empty")
-    eval_ds = load("validation")
-    if eval_ds is not None and max_eval is not None and len(eval_ds) > max_eval:
-        eval_ds = eval_ds.select(range(max_eval))
-    return train_ds, (eval_ds if eval_ds is not None and len(eval_ds) else None)
-
-
-def _load_model(base: ArtifactRef, cfg: TrainConfig, precision: str, local_rank: int):
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    from tasks.base_model import load_base_model
-
-    cuda = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if cfg.method == "qlora":
-        compute = _dtype(precision)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_storage=compute,
-        )
-        kwargs["dtype"] = compute
-        if not (cfg.fsdp or cfg.deepspeed):
-            # One full copy per rank: under DDP each process places the model on its device.
-            # (FSDP / ZeRO-3 shard it instead; the 4-bit storage dtype above lets them.)
-            kwargs["device_map"] = {"": local_rank if cuda else "cpu"}
-    elif cfg.method == "lora" and precision != "fp32":
-        kwargs["dtype"] = _dtype(precision)  # frozen base in half precision; adapters stay fp32
-    model = load_base_model(base, **kwargs)
-    # A KV cache disables the packed-sequence mask (examples would attend to each other).
-    model.config.use_cache = False
-    if cfg.method == "qlora":
-        keep_4bit_differentiable(model)
-    return model
-
-
-def keep_4bit_differentiable(model) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
-
-    On CPUs with AVX512-BF16, Linear4bit converts its weight at the first forward in eval
-    mode without gradients (e.g. the Trainer's evaluation) and keeps it that way; that
-    layout's kernel (gemv_4bit) has no autograd formula, so afterwards no gradient flows
-    through the frozen layers: every LoRA matrix below the last layer stops learning while
-    the loss still moves (measured with bitsandbytes 0.50: input grad None, QLoRA stuck at
-    loss 2.6 where LoRA reached 0.04). Keeping the dequantize + matmul path costs nothing
-    measurable at these sizes.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
-def _wrap_peft(model, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        use_dora=cfg.use_dora,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
-
-
-def _training_args(cfg: TrainConfig, precision: str, work: Path, has_eval: bool, padded: bool):
-    import torch
-    from transformers import TrainingArguments
-
-    early = cfg.early_stopping_patience is not None and has_eval
-    if early and cfg.save_steps % cfg.eval_steps:
-        raise TrainError(
-            f"train.save_steps ({cfg.save_steps}) must be a multiple of train.eval_steps "
-            f"({cfg.eval_steps}) when train.early_stopping_patience is set"
-        )
-    cuda = torch.cuda.is_available()
-    sharding = {k: v for k, v in (("fsdp", cfg.fsdp), ("deepspeed", cfg.deepspeed)) if v}
-    return TrainingArguments(
-        **sharding,
-        output_dir=str(work / "checkpoints"),
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        per_device_eval_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        # qlora: prepare_model_for_kbit_training already enabled it.
-        activation_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        lr_scheduler_type=cfg.lr_scheduler,
-        max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optimizer,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not cuda,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg.eval_steps,
-        load_best_model_at_end=early,
-        metric_for_best_model="eval_loss" if early else None,
-        greater_is_better=False if early else None,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to=[],  # no HF MLflowCallback: figures go through the manifest
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        train_sampling_strategy="group_by_length" if padded else "random",
-        length_column_name="length",
-        dataloader_num_workers=0,  # the collator's token counters must live in this process
-        ddp_backend=("nccl" if cuda else "gloo") if _world_size() > 1 else None,
-        ddp_find_unused_parameters=False,
-    )
-
-
-def _choose_packing(model, cfg: TrainConfig, info: dict, vocab: int, precision: str):
-    """(packed?, attention implementation): packing only where the probe proves it clean."""
-    atol = 1e-4 if precision == "fp32" else 5e-2
-    original = model.config._attn_implementation
-    if not cfg.packing:
-        return False, original
-    if not info.get("attn_implementation"):  # unless model.attn_implementation was chosen
-        # Per-example attention inside the packed row (see packing.varlen_attention).
-        packing.use_varlen_attention(model)
-        if packing.packs_correctly(model, vocab, atol=atol):
-            return True, packing.VARLEN
-        model.set_attn_implementation(original)
-    return packing.packs_correctly(model, vocab, atol=atol), original
-
-
-def _trainer_class():
-    from transformers import Trainer
-
-    class CountingTrainer(Trainer):
-        # Trainer shares one collator between training and evaluation: pause its counters
-        # so tokens/s and the DDP shard record cover training batches only.
-        def evaluate(self, *args, **kwargs):
-            stats = self.data_collator.stats
-            stats.paused, t0 = True, time.perf_counter()
-            try:
-                return super().evaluate(*args, **kwargs)
-            finally:
-                stats.paused = False
-                stats.excluded_s += time.perf_counter() - t0
-
-    return CountingTrainer
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
-    """Train per `spec` (paths + config); rank 0 writes the outputs into spec["out"]."""
-    import torch
-    import transformers
-    from transformers import EarlyStoppingCallback, PrinterCallback
-
-    from tasks.base_model import model_info
-
-    transformers.utils.logging.disable_progress_bar()
-    cfg = TrainConfig.model_validate(spec["cfg"])
-    base = ArtifactRef.model_validate(spec["base"])
-    out, work = Path(spec["out"]), Path(spec["work"])
-    rank, local_rank, world = (
-        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))
-    )
-    precision = resolve_precision(cfg.precision)
-    transformers.set_seed(cfg.seed)  # LoRA init and dropout: same config -> same curve
-
-    tok = _tokenizer(spec["tokenizer"])
-    train_ds, eval_ds = _load_splits(Path(spec["tokenized"]), cfg.max_eval_examples)
-    info = model_info(base)
-    model = _load_model(base, cfg, precision, local_rank)
-    packed, attention = _choose_packing(model, cfg, info, len(tok), precision)
-    if cfg.method != "full":
-        model = _wrap_peft(model, cfg)
-    stats = packing.BatchStats()
-    collator = packing.PackingCollator(stats) if packed else packing.PaddingCollator(tok, stats)
-    args = _training_args(cfg, precision, work, eval_ds is not None, padded=not packed)
-    metrics_cb = callbacks.StepMetrics(stats, world)
-    cbs = [metrics_cb, callbacks.Progress(subprocess_mode)]
-    if args.load_best_model_at_end:
-        cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = _trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        callbacks=cbs,
-    )
-    trainer.remove_callback(PrinterCallback)  # log dicts on stdout: the CLI has its own view
-    resume = last_complete_checkpoint(work / "checkpoints") if cfg.resume else None
-    resumed_step = int(resume.name.split("-")[1]) if resume else 0
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-
-    is_main = trainer.is_world_process_zero()
-    seen_dir = work / "seen"
-    seen_dir.mkdir(exist_ok=True)
-    (seen_dir / f"rank{rank}.json").write_text(
-        json.dumps(
-            {"rank": rank, "world_size": world, "wrote_outputs": is_main, "examples": stats.seen}
-        )
-    )
-    unwrapped = trainer.model  # the Trainer keeps the DDP/FSDP wrapper separately
-    if cfg.method == "full":
-        target, extra = out / "model", {}
-        unwrapped.config.use_cache = True
-        if attention == packing.VARLEN:  # registered in this process only
-            unwrapped.set_attn_implementation("sdpa")
-    else:
-        # adapter_config.json names the base (hub id / builtin:tiny), not a workspace path;
-        # embeddings are never resized, so PEFT need not look that name up.
-        target, extra = out / "adapter", {"save_embedding_layers": False}
-        unwrapped.peft_config["default"].base_model_name_or_path = info["name_or_path"]
-    if cfg.fsdp or cfg.deepspeed:
-        trainer.save_model(str(target))  # sharded: every rank gathers, rank 0 writes
-    elif is_main:
-        unwrapped.save_pretrained(str(target), safe_serialization=True, **extra)
-    if not is_main:
-        return
-    _copy_tokenizer(Path(spec["tokenizer"]), out / "tokenizer")
-    n_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    state = trainer.state
-    series = metrics_cb.series
-    metrics: dict[str, Any] = {
-        "steps": state.global_step,
-        "resumed_from_step": resumed_step,
-        "train_runtime_s": result.metrics.get("train_runtime"),
-        "final_loss": series["loss"][-1][1] if series.get("loss") else result.training_loss,
-        "trainable_parameters": n_trainable,
-        "world_size": world,
-    }
-    if series.get("eval_loss"):
-        best_step, best = min(series["eval_loss"], key=lambda sv: sv[1])
-        metrics.update(best_eval_loss=best, best_step=best_step)
-    for name in ("useful_tokens_per_s", "padding_fraction"):
-        if series.get(name):
-            metrics[f"mean_{name}"] = sum(v for _, v in series[name]) / len(series[name])
-    report = _tokenize_report(Path(spec["tokenized"]))
-    train_json = {
-        "method": cfg.method,
-        "base_model": info,
-        "template": report.get("template"),
-        "max_length": report.get("max_length"),
-        "precision": precision,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "packing": "flattened" if packed else "padded",
-        "attention": attention,
-        "config": cfg.model_dump(mode="json"),
-        "metrics": metrics,
-        "step_metrics": series,
-        "log_history": state.log_history,
-    }
-    (out / "train.json").write_text(json.dumps(train_json, indent=1, default=str))
-
-
-def _tokenizer(path: str):
-    from tasks.base_model import load_tokenizer
-
-    return load_tokenizer(path)
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    # Copied, not re-saved: the files (and hash) stay identical to the tokenizer artifact.
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(MANIFEST), dirs_exist_ok=True)
-
-
-def _tokenize_report(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / "report.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-# -- torchrun ----------------------------------------------------------------------------------
-def _launch_torchrun(spec: dict[str, Any], nproc: int) -> None:
-    """Run `python -m tasks.train <spec>` on `nproc` ranks; forward rank 0's progress lines."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(spec, fh)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "tasks.train", fh.name,
-    ]  # fmt: skip
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
-    tail: list[str] = []
-    try:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for line in proc.stdout:
-            if not callbacks.forward_progress_line(line):
-                tail = (tail + [line.rstrip()])[-40:]
-        rc = proc.wait()
-    finally:
-        os.unlink(fh.name)
-    if rc != 0:
-        errors = [t for t in tail if "Error" in t or "error:" in t] or tail or ["no output"]
-        raise TrainError(f"torchrun with {nproc} processes exited {rc}: {errors[-1].strip()}")
-
-
-# -- outputs for later stages ------------------------------------------------------------------
-def load_finetuned(train_ref: ArtifactRef, base_ref: ArtifactRef, **kwargs: Any):
-    """(model, tokenizer) of a train artifact: PEFT adapter on the fp32 base, or the full model.
-
-    `kwargs` go to from_pretrained (e.g. device_map). Defaults: fp32, CPU.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tasks.base_model import load_base_model, load_tokenizer
-
-    kwargs.setdefault("dtype", torch.float32)
-    tok = load_tokenizer(train_ref.file("tokenizer"))
-    if train_ref.file("model").is_dir():
-        model = AutoModelForCausalLM.from_pretrained(
-            str(train_ref.file("model")), use_safetensors=True, **kwargs
-        )
-    else:
-        from peft import PeftModel
-
-        base = load_base_model(base_ref, **kwargs)
-        model = PeftModel.from_pretrained(base, str(train_ref.file("adapter")))
-    model.config.use_cache = True
-    model.eval()
-    return model, tok
 
 
 def _write_merged(tmp: Path, base: ArtifactRef) -> None:
     """merged/: the adapter folded into the fp32 base (a plain transformers model)."""
-    model, _ = load_finetuned(ArtifactRef(stage="train", path=str(tmp), digest=""), base)
+    model, _ = loading.load_finetuned(ArtifactRef(stage="train", path=str(tmp), digest=""), base)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
-    _copy_tokenizer(tmp / "tokenizer", tmp / "merged")
+    trainer.copy_tokenizer(tmp / "tokenizer", tmp / "merged")
 
 
-def plot_loss_curve(series: dict[str, list[list[float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name in ("loss", "eval_loss"):
-        if series.get(name):
-            steps, values = zip(*series[name], strict=True)
-            ax.plot(steps, values, marker="." if name == "eval_loss" else None, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def main(argv: list[str]) -> None:
-    """torchrun entry: `python -m tasks.train <spec.json>`."""
-    from instructflow import workspace as ws
-
-    ws.configure()
-    spec = json.loads(Path(argv[0]).read_text())
-    run_training(spec, subprocess_mode=True)
-
-
-train_task = stage_task("train", code_deps=CODE_DEPS)(train)
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+train_task = stage_task("train")(train)

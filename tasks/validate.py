@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from instructflow import formats
+from instructflow import formats, plots
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import ValidateConfig
 from instructflow.formats import DataError, Reject, normalise
+from instructflow.rows import write_jsonl
 from tasks.download import data_files
 
 DUPLICATE_REASONS = ("duplicate", "near_duplicate")
@@ -43,13 +44,13 @@ def validate(raw: ArtifactRef, cfg: ValidateConfig) -> ArtifactRef:
     report = build_report(stats, rows, rejects)
 
     def write(tmp: Path) -> dict[str, Any]:
-        _write_jsonl(tmp / "clean.jsonl", rows)
+        write_jsonl(tmp / "clean.jsonl", rows)
         # ASCII escapes keep rejected text with lone surrogates writable.
-        _write_jsonl(tmp / "rejects.jsonl", map(_reject_json, rejects), ascii_only=True)
+        write_jsonl(tmp / "rejects.jsonl", map(_reject_json, rejects), ascii_only=True)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-        _plot(tmp / "length_hist.png", rows)
+        plots.text_lengths(*_lengths(rows), tmp / "length_hist.png")
         return {
-            "metrics": _metrics(report),
+            "figures": _metrics(report),
             "params": {"formats": ",".join(sorted({s["format"] for s in stats.values()}))},
             "log_files": ["report.json", "rejects.jsonl", "length_hist.png", "clean.jsonl"],
             "summary": _summary(report),
@@ -346,26 +347,4 @@ def _reject_json(r: Reject) -> dict[str, Any]:
     }
 
 
-def _write_jsonl(path: Path, rows, ascii_only: bool = False) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=ascii_only) + "\n")
-
-
-def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
-    # Figure + its Agg canvas directly: no pyplot global state, no display needed.
-    from matplotlib.figure import Figure
-
-    prompt, output = _lengths(rows)
-    fig = Figure(figsize=(9, 3.5))
-    for k, (label, values) in enumerate((("prompt", prompt), ("output", output))):
-        ax = fig.add_subplot(1, 2, k + 1)
-        ax.hist(values, bins=50, color="tab:blue" if k == 0 else "tab:orange")
-        ax.set_title(f"{label} length (chars), n={len(values)}")
-        ax.set_xlabel("characters")
-        ax.set_ylabel("rows")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-
-
-validate_task = stage_task("validate", code_deps=[formats])(validate)
+validate_task = stage_task("validate")(validate)

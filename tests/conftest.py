@@ -1,9 +1,10 @@
-"""Test setup: a throwaway workspace per test, real Prefect (ephemeral API) and real MLflow.
+"""Test setup: a throwaway workspace per test, a real Prefect server and real MLflow.
 
-The environment is set before prefect/mlflow are imported: both read it on import. Prefect's
-own home (its ephemeral API database) is shared by the whole session, since starting the
-ephemeral server costs 8-22 s; so is the per-user cache of the pre-trained built-in model;
-artifacts, result records and the MLflow store are per test.
+The environment is set before prefect/mlflow are imported: both read it on import. One real
+Prefect server (instructflow.prefect_server, as `instructflow run` starts per workspace) serves
+the whole session, in-process runs and CLI subprocesses alike, since starting one costs 10-20 s;
+so is the per-user cache of the pre-trained built-in model; artifacts, result records and the
+MLflow store are per test.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 _session_home = Path(tempfile.mkdtemp(prefix="instructflow-tests-"))
 os.environ["INSTRUCTFLOW_HOME"] = str(_session_home / "home")
-# The pre-trained builtin:tiny is built once per test session (the first test that needs it
-# pays ~2.5 min) and shared by every test and CLI subprocess; never the user's own cache, so
-# CI really builds it. INSTRUCTFLOW_TEST_CACHE reuses one across sessions while developing.
+# The pre-trained builtin:tiny is built once per test session, before the first test (~2.5 min
+# on 2 cores, outside any test's timeout), and shared by every test and CLI subprocess; never
+# the user's own cache, so CI really builds it. INSTRUCTFLOW_TEST_CACHE reuses one across
+# sessions while developing.
 os.environ["INSTRUCTFLOW_CACHE"] = os.environ.get(
     "INSTRUCTFLOW_TEST_CACHE", str(_session_home / "cache")
 )
@@ -32,6 +34,23 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from instructflow import workspace  # noqa: E402
 
 workspace.configure()
+
+
+def pytest_sessionstart(session) -> None:
+    from instructflow import prefect_server
+    from instructflow.loading import load_builtin
+
+    os.environ["PREFECT_API_URL"] = prefect_server.ensure(_session_home)
+    load_builtin()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    from prefect.logging.handlers import APILogWorker
+
+    from instructflow import prefect_server
+
+    APILogWorker.drain_all(timeout=5)  # flow-run log lines still queued for the server
+    prefect_server.stop(_session_home)
 
 
 @pytest.fixture

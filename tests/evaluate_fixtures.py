@@ -12,7 +12,8 @@ from demo_rows import canonical_demo_rows
 
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.config import ModelConfig
-from tasks.base_model import load_base_model, prepare_base_model, prepare_tokenizer
+from instructflow.loading import load_base_model
+from tasks.base_model import prepare_base_model, prepare_tokenizer
 
 
 def canonical_rows(n: int, seed: int = 7) -> list[dict]:

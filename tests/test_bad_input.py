@@ -206,13 +206,14 @@ def test_cli_reports_one_error_line_and_no_traceback(tmp_path):
 
 
 def test_flow_runs_validate_caches_it_and_fails_in_one_line(home, tmp_path):
-    from instructflow.pipeline import StageFailed, run_finetune
+    from flows.run import run_finetune
+    from instructflow.pipeline import StageFailed
 
     good = [f"data.source={BAD / 'crlf.jsonl'}"]
     first = run_finetune(None, good, until="validate")
     assert first["stages"]["validate"]["state"] == "Completed"
-    assert first["metrics"]["validate.rows_out"] == 4
-    assert first["metrics"]["validate.rows_in"] == 4
+    assert first["metrics"]["validate/rows_out"] == 4
+    assert first["metrics"]["validate/rows_in"] == 4
     again = run_finetune(None, good, until="validate")
     assert again["stages"]["validate"]["state"] == "Cached"
     knob = run_finetune(None, [*good, "validate.max_chars=5000"], until="validate")

@@ -12,13 +12,8 @@ from instructflow.builtin import model as builtin
 from instructflow.builtin import world
 from instructflow.builtin.model import EOS
 from instructflow.config import ModelConfig
-from tasks.base_model import (
-    load_base_model,
-    load_tokenizer,
-    model_info,
-    prepare_base_model,
-    prepare_tokenizer,
-)
+from instructflow.loading import load_base_model, load_tokenizer, model_info
+from tasks.base_model import prepare_base_model, prepare_tokenizer
 
 
 def test_builtin_tokenizer_is_deterministic_and_lossless(home):

@@ -40,11 +40,11 @@ def test_demo_tuned_model_answers_held_out_questions_the_base_cannot(tmp_path):
     assert {s["state"] for s in result["stages"].values()} == {"Completed"}
     assert result["helpers"]["base_model"]["state"] in ("Completed", "Cached")
     m = result["metrics"]
-    tuned, base = m["evaluate.exact_match"], m["evaluate.exact_match_base"]
+    tuned, base = m["evaluate/exact_match"], m["evaluate/base/exact_match"]
     assert base <= 0.10 and tuned - base >= 0.50, (base, tuned)
     for task in world.FACTS:
-        assert m[f"evaluate.em.{task}"] > m[f"evaluate.em.{task}_base"], task
-    assert m["evaluate.perplexity"] < m["evaluate.perplexity_base"]
+        assert m[f"evaluate/em/{task}"] > m[f"evaluate/base/em/{task}"], task
+    assert m["evaluate/perplexity"] < m["evaluate/base/perplexity"]
 
     # The console shows base vs tuned, per task, and answers side by side.
     out = proc.stdout
@@ -52,8 +52,9 @@ def test_demo_tuned_model_answers_held_out_questions_the_base_cannot(tmp_path):
     assert all(task in out for task in world.FACTS)
     assert "test prompts, answered by both models" in out
     assert "qlora" in out
+    assert "Successfully registered" not in out + proc.stderr  # no third-party chatter
     # The demo's judge (the same tiny model) fails calibration: flagged, and the gate says so.
-    assert m["evaluate.judge_trusted"] == 0.0 and "NOT EVIDENCE" in out
+    assert m["evaluate/judge_trusted"] == 0.0 and "NOT EVIDENCE" in out
     assert "untrusted: calibration accuracy" in out
 
     # MLflow has the per-task figures and the tables.
@@ -61,8 +62,8 @@ def test_demo_tuned_model_answers_held_out_questions_the_base_cannot(tmp_path):
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     run = client.get_run(result["mlflow_run_id"])
-    assert run.data.metrics["evaluate.em.capital"] == m["evaluate.em.capital"]
-    assert run.data.params["train.method"] == "qlora"
+    assert run.data.metrics["evaluate/em/capital"] == m["evaluate/em/capital"]
+    assert run.data.params["train.method.name"] == "qlora"
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert {"evaluate/examples.json", "evaluate/groups.json"} <= logged
     assert "evaluate/judge_calibration.json" in logged

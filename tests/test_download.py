@@ -82,7 +82,7 @@ def test_local_file_and_folder(home, tmp_path):
     assert data_files(ref)[0].read_bytes() == f.read_bytes()
     source = json.loads(ref.file("source.json").read_text())
     assert source == {"source": str(f), "kind": "local", "files": ["one.jsonl"]}
-    assert ref.meta["metrics"] == {"bytes": f.stat().st_size, "files": 1}
+    assert ref.figures == {"bytes": f.stat().st_size, "files": 1}
 
     folder = tmp_path / "folder"
     (folder / "sub").mkdir(parents=True)

@@ -11,8 +11,8 @@ from evaluate_fixtures import canonical_rows, make_base, make_inputs, make_train
 
 from instructflow import generation, templates
 from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
+from instructflow.loading import load_base_model, load_tokenizer
 from instructflow.metrics import text_metrics
-from tasks.base_model import load_base_model, load_tokenizer
 from tasks.evaluate import evaluate, scored_examples
 
 
@@ -120,7 +120,7 @@ def test_fold_adapter_merges_lora_into_plain_weights_with_the_same_outputs(tiny)
     tok_ref, base, _, tok = tiny
     from peft import PeftModel
 
-    from tasks.train import load_finetuned
+    from instructflow.loading import load_finetuned
 
     model, _ = load_finetuned(make_train(base, tok_ref), base)
     assert isinstance(model, PeftModel)

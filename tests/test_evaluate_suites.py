@@ -62,7 +62,7 @@ def test_bertscore_lm_eval_and_mt_bench_land_in_mlflow(home, tmp_path):
         )
     finally:
         stub.close()
-    m = ref.meta["metrics"]
+    m = ref.figures
     for suffix in ("", "_base"):
         assert 0.0 <= m[f"bertscore_f1{suffix}"] <= 1.0
         assert 0.0 <= m[f"lm_eval.tiny_mc.acc{suffix}"] <= 1.0
@@ -79,7 +79,7 @@ def test_bertscore_lm_eval_and_mt_bench_land_in_mlflow(home, tmp_path):
         tracking.log_stage(run.info.run_id, ref)
     client = MlflowClient()
     logged = client.get_run(run.info.run_id).data.metrics
-    assert logged["evaluate.lm_eval.tiny_mc.acc"] == m["lm_eval.tiny_mc.acc"]
-    assert logged["evaluate.bertscore_f1_base"] == m["bertscore_f1_base"]
+    assert logged["evaluate/lm_eval/tiny_mc/acc"] == m["lm_eval.tiny_mc.acc"]
+    assert logged["evaluate/base/bertscore_f1"] == m["bertscore_f1_base"]
     tables = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert {"evaluate/mt_bench.json", "evaluate/lm_eval.json"} <= tables

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
+from flows.run import run_finetune
 from instructflow.artifacts import ArtifactRef
-from instructflow.pipeline import run_finetune
 from tasks.split import read_split
 
 pytestmark = pytest.mark.slow
@@ -66,14 +66,14 @@ def test_flow_up_to_tokenize_on_each_format(case, home, shared_datasets, tmp_pat
         **{s: "Skipped" for s in ("train", "evaluate", "register")},
     }
     metrics = summary["metrics"]
-    assert metrics["validate.rows_out"] >= ROWS * 0.5, metrics
-    assert metrics["split.rows_test"] >= 1 and metrics["tokenize.rows_train"] >= 1
+    assert metrics["validate/rows_out"] >= ROWS * 0.5, metrics
+    assert metrics["split/rows_test"] >= 1 and metrics["tokenize/rows_train"] >= 1
 
     train = read_split(ref(home, "split", summary), "train")
     assert any(len(r["messages"]) > 2 for r in train) == multi_turn
     tok = build_tokenizer()
     ds = load_from_disk(str(ref(home, "tokenize", summary).file("train")))
-    assert len(ds) == metrics["tokenize.rows_train"]
+    assert len(ds) == metrics["tokenize/rows_train"]
     # The first training example ends with its trained end-of-turn token.
     eot = tok.convert_tokens_to_ids(templates.end_of_turn_token(template, tok))
     labels = ds[0]["labels"]

@@ -262,7 +262,7 @@ def test_key_never_reaches_mlflow_through_the_evaluate_stage(home, stub, monkeyp
     logged_params = {k.rsplit(".", 1)[-1]: v for k, v in data.params.items()}
     assert logged_params["judge_api_key_env"] == "JUDGE_KEY_FOR_TEST"
     assert logged_params["judge_model"] == "stub-judge"
-    assert "evaluate.judge_failure_rate" in data.metrics
+    assert "evaluate/judge_failure_rate" in data.metrics
     logged = json.dumps([data.params, data.tags])
     for path in (home / "mlartifacts").rglob("*"):
         if path.is_file():
@@ -280,7 +280,7 @@ def test_multi_turn_rows_are_judged_with_their_conversation(home, stub, shared_d
     from evaluate_fixtures import make_base, make_inputs, make_train
 
     from instructflow.config import DataConfig, EvaluateConfig, TokenizeConfig, ValidateConfig
-    from tasks.augment import read_jsonl
+    from instructflow.rows import read_jsonl
     from tasks.download import download
     from tasks.evaluate import evaluate
     from tasks.validate import validate

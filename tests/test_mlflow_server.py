@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,14 +63,16 @@ def stop(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    except ProcessLookupError:  # the group is already gone (the test stopped it itself)
+        pass
+    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_against(url: str, data: Path) -> str:
     """A real pipeline run (download only) tracked on the server; returns its MLflow run id."""
     import mlflow
-    from instructflow.pipeline import run_finetune
+    from flows.run import run_finetune
 
     try:
         summary = run_finetune(
@@ -88,7 +91,10 @@ def check_run_read_back(url: str, run_id: str, tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=url)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["download.files"] == 1.0
+    figures = json.loads(
+        Path(client.download_artifacts(run_id, "download/figures.json", str(tmp_path))).read_text()
+    )
+    assert figures["files"] == 1
     assert run.data.params["data.source"].endswith("d.jsonl")
     # The artifact went through the server's proxy and comes back intact.
     local = client.download_artifacts(run_id, "download/source.json", str(tmp_path))
@@ -113,7 +119,7 @@ def test_server_on_workspace_sqlite_store(home, data, tmp_path):
     from mlflow.tracking import MlflowClient
 
     local = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    assert local.get_run(run_id).data.metrics["download.files"] == 1.0
+    assert local.get_run(run_id).data.tags["instructflow.digest.download"]
     assert (home / "mlartifacts").is_dir()
     assert "127.0.0.1" in (tmp_path / "server.log").read_text()
 
@@ -147,8 +153,8 @@ def test_server_on_postgresql(home, data, tmp_path):
 
 
 def test_compare_and_ui_on_two_real_runs(home, tmp_path, capsys):
+    from flows.run import run_finetune
     from instructflow.cli import main
-    from instructflow.pipeline import run_finetune
 
     a = run_finetune(None, ["data.demo_rows=30"], until="validate")["mlflow_run_id"]
     b = run_finetune(None, ["data.demo_rows=40"], until="validate")["mlflow_run_id"]
@@ -157,7 +163,7 @@ def test_compare_and_ui_on_two_real_runs(home, tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "data.demo_rows" in ln)
     assert "30" in line and "40" in line
-    rows = next(ln for ln in out.splitlines() if "validate.rows_in" in ln)
+    rows = next(ln for ln in out.splitlines() if "validate/rows_in" in ln)
     assert "30" in rows and "40" in rows and "+10" in rows and "+33.3%" in rows
     assert "split.seed" not in out  # equal params are not listed
     assert main(["compare", a, "no-such-run"]) == 1
@@ -188,6 +194,20 @@ def test_compare_and_ui_on_two_real_runs(home, tmp_path, capsys):
                 pass
         assert got is not None, log.read_text()[-2000:]
         assert got.json()["run"]["info"]["run_id"] == a
+        # Stopped by PID (not its process group), it stops the MLflow UI it started.
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 20
+        while time.time() < deadline and _listening(port):
+            time.sleep(0.5)
+        assert not _listening(port), "the MLflow UI outlived `instructflow ui`"
     finally:
         stop(proc)
     assert "Prefect UI: http://x:1" in log.read_text()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -34,7 +34,7 @@ def make_train(base: ArtifactRef, tok_ref: ArtifactRef, seed: int) -> tuple[Arti
     """A train artifact (contract layout) holding a tiny random LoRA adapter, and the model."""
     from peft import LoraConfig, get_peft_model
 
-    from tasks.base_model import load_base_model, model_info
+    from instructflow.loading import load_base_model, model_info
 
     torch.manual_seed(seed)
     # init_lora_weights=False: B is random too, so the adapter really changes the logits.
@@ -69,7 +69,7 @@ def test_registered_model_reloads_exactly_and_first_version_is_champion(home, lo
     from mlflow.tracking import MlflowClient
 
     import mlflow
-    from instructflow import registry
+    from instructflow import loading, registry
     from tasks.register import register
 
     tok_ref, base = local_base
@@ -89,7 +89,7 @@ def test_registered_model_reloads_exactly_and_first_version_is_champion(home, lo
     run = client.get_run(champ.run_id)
     assert run.data.tags["instructflow.gate.decision"] == "promoted"
 
-    model, tok, template = registry.load_for_inference(f"models:/{NAME}@champion")
+    model, tok, template = loading.load_for_inference(f"models:/{NAME}@champion")
     assert template == "alpaca"
     assert torch.allclose(logits(model, tok), logits(trained, tok), atol=1e-5)
     # Reference, not copy: the logged model holds the adapter but no base weights.
@@ -116,7 +116,7 @@ def test_registered_model_reloads_exactly_and_first_version_is_champion(home, lo
 def test_gate_rejects_regression_and_promotes_improvement(home):
     from mlflow.tracking import MlflowClient
 
-    from instructflow import registry
+    from instructflow import loading
     from tasks.base_model import prepare_base_model, prepare_tokenizer
     from tasks.register import register
 
@@ -153,12 +153,12 @@ def test_gate_rejects_regression_and_promotes_improvement(home):
     assert third["promoted"] is True, third["reasons"]
     assert client.get_model_version_by_alias(NAME, "champion").version == 3
 
-    model, tok, _ = registry.load_for_inference(f"models:/{NAME}@champion")
+    model, tok, _ = loading.load_for_inference(f"models:/{NAME}@champion")
     assert torch.allclose(logits(model, tok), logits(trained, tok), atol=1e-5)
 
 
 def test_gate_rules():
-    from instructflow.registry import gate
+    from instructflow.gate import gate
 
     cfg = RegisterConfig(min_win_rate=0.5, max_rougeL_drop=0.02, max_perplexity_increase=0.05)
     champ = {"perplexity": 10.0, "perplexity_base": 20.0, "rougeL": 0.5, "rougeL_base": 0.2}

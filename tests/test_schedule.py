@@ -215,7 +215,8 @@ class _DataServer(http.server.BaseHTTPRequestHandler):
 
 
 def test_nightly_refresh_reuses_unchanged_url_data_and_refetches_changed(home):
-    from instructflow.pipeline import STAGES, run_finetune
+    from flows.run import run_finetune
+    from flows.stages import STAGES
 
     def publish(n: int, etag: str):
         rows = [{"instruction": f"echo {i}", "input": "", "output": f"{i}"} for i in range(n)]

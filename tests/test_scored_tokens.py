@@ -55,7 +55,7 @@ def metaspace_chat_tokenizer(corpus: list[str]):
 @pytest.fixture
 def rows(home, shared_datasets, tmp_path):
     from instructflow.config import DataConfig, ValidateConfig
-    from tasks.augment import read_jsonl
+    from instructflow.rows import read_jsonl
     from tasks.download import download
     from tasks.validate import validate
 

@@ -27,10 +27,35 @@ def test_defaults_trust_no_remote_code():
     assert cfg.model.trust_remote_code is False
 
 
-def test_every_torch_load_is_weights_only():
-    for path, node in _calls("torch.load"):
-        kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords}
-        assert kwargs.get("weights_only") == "True", f"{path}:{node.lineno}"
+def unsafe_torch_loads(paths) -> list[str]:
+    """`path:line` of every torch.load call (also `from torch import load [as x]`) without
+    `weights_only=True`."""
+    found = []
+    for path in paths:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+        aliases = {"torch.load"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "torch":
+                aliases |= {a.asname or a.name for a in node.names if a.name == "load"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in aliases:
+                kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                if kwargs.get("weights_only") != "True":
+                    found.append(f"{path}:{node.lineno}")
+    return found
+
+
+def test_every_torch_load_is_weights_only(tmp_path):
+    code = [p for folder in CODE_DIRS for p in (ROOT / folder).rglob("*.py")]
+    assert unsafe_torch_loads(code) == []
+    # The check finds what it must: plain, aliased and explicit-False calls; not a safe one.
+    planted = tmp_path / "planted.py"
+    planted.write_text(
+        "import torch\nfrom torch import load as tl\n"
+        "a = torch.load('x.pt')\nb = tl('y.pt')\n"
+        "c = torch.load('z.pt', weights_only=False)\nd = torch.load('w.pt', weights_only=True)\n"
+    )
+    assert unsafe_torch_loads([planted]) == [f"{planted}:{n}" for n in (3, 4, 5)]
 
 
 def test_no_code_passes_trust_remote_code_true_literally():

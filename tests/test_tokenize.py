@@ -9,7 +9,7 @@ import pytest
 from instructflow import templates as T
 from instructflow.artifacts import write_artifact
 from instructflow.config import DataConfig, SplitConfig, TokenizeConfig, ValidateConfig
-from tasks.augment import read_jsonl
+from instructflow.rows import read_jsonl
 from tasks.tokenize import IGNORE, encode_rows, tokenize
 
 
@@ -164,7 +164,7 @@ def test_stage_writes_arrow_splits_report_and_histogram_deterministically(home):
         row = ds[0]
         assert len(row["input_ids"]) == len(row["labels"]) == row["length"] <= 64
     report = json.loads(ref.file("report.json").read_text())
-    metrics = ref.meta["metrics"]
+    metrics = ref.figures
     assert report["method"] == ["segments"] and metrics["rows"] == 120
     for key in ("tokens", "dropped_too_long", "truncated", "mean_length", "p50_length",
                 "p95_length", "max_length", "trainable_fraction"):  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from instructflow import demo_data
 from instructflow.artifacts import sha256_file
 from instructflow.config import ModelConfig, TrainConfig
+from instructflow.loading import load_finetuned, load_tokenizer
 from instructflow.training.fixtures import write_tokenized
 from instructflow.training.packing import (
     IGNORE,
@@ -18,8 +20,9 @@ from instructflow.training.packing import (
     packs_correctly,
     use_varlen_attention,
 )
-from tasks.base_model import load_tokenizer, prepare_base_model, prepare_tokenizer
-from tasks.train import TrainError, last_complete_checkpoint, load_finetuned, train
+from instructflow.training.trainer import last_complete_checkpoint
+from tasks.base_model import prepare_base_model, prepare_tokenizer
+from tasks.train import TrainError, train
 
 VOCAB = 96
 
@@ -131,16 +134,14 @@ def inputs(home):
     return tokenized, base, tok_ref
 
 
-def _cfg(**kw) -> TrainConfig:
+def _cfg(method: str = "lora", **kw) -> TrainConfig:
     base = dict(
-        method="lora",
+        method={"name": method, "r": 4, "alpha": 8},
         max_steps=4,
         per_device_batch_size=2,
         logging_steps=1,
         save_steps=2,
         eval_steps=2,
-        lora_r=4,
-        lora_alpha=8,
         max_eval_examples=4,
     )
     return TrainConfig(**{**base, **kw})
@@ -153,7 +154,7 @@ def test_lora_run_is_seeded_and_writes_the_contract(inputs):
     curve = [v for _, v in first.meta["step_metrics"]["loss"]]
     assert len(curve) == 4
     assert [v for _, v in second.meta["step_metrics"]["loss"]] == pytest.approx(curve, rel=1e-6)
-    assert second.meta["metrics"]["resumed_from_step"] == 0
+    assert second.figures["resumed_from_step"] == 0
     assert first.digest != train(tokenized, base, tok_ref, _cfg(seed=7)).digest
 
     info = json.loads(first.file("train.json").read_text())
@@ -164,9 +165,11 @@ def test_lora_run_is_seeded_and_writes_the_contract(inputs):
     assert all(v == 0.0 for _, v in steps["padding_fraction"])
     assert all(v > 0 for _, v in steps["useful_tokens_per_s"])
     assert {"learning_rate", "grad_norm", "eval_loss"} <= set(steps)
-    assert first.meta["metrics"]["best_eval_loss"] == min(v for _, v in steps["eval_loss"])
+    assert first.figures["best_eval_loss"] == min(v for _, v in steps["eval_loss"])
     adapter_cfg = json.loads(first.file("adapter/adapter_config.json").read_text())
-    assert adapter_cfg["base_model_name_or_path"] == "builtin:tiny"
+    # The per-user folder of the pre-trained builtin:tiny, so plain PEFT loaders find the base.
+    base_dir = Path(adapter_cfg["base_model_name_or_path"])
+    assert (base_dir / "config.json").is_file() and (base_dir / "model.safetensors").is_file()
     assert first.file("adapter/adapter_model.safetensors").is_file()
     assert first.file("loss_curve.png").stat().st_size > 1000
     for f in tok_ref.dir.iterdir():  # the tokenizer artifact, byte for byte
@@ -179,12 +182,30 @@ def test_lora_run_is_seeded_and_writes_the_contract(inputs):
     assert out.shape[1] > prompt.input_ids.shape[1]
 
 
+def test_the_adapter_loads_with_peft_alone_and_carries_a_model_card(inputs):
+    from peft import AutoPeftModelForCausalLM
+
+    tokenized, base, tok_ref = inputs
+    ref = train(tokenized, base, tok_ref, _cfg(max_steps=2))
+    # What users try first: PEFT's own loader, with nothing but the adapter folder.
+    peft_only = AutoPeftModelForCausalLM.from_pretrained(str(ref.file("adapter")))
+    ours, tok = load_finetuned(ref, base)
+    ids = tok("### Instruction:\nabc\n\n### Response:\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(
+            peft_only(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5
+        )
+    card = ref.file("adapter/README.md").read_text()
+    assert "AutoPeftModelForCausalLM" in card and "builtin:tiny" in card
+    assert "- **Method**: lora (r=4, alpha=8" in card and "final_loss" in card
+
+
 def test_qlora_run_and_merged_model_agree(inputs):
     from transformers import AutoModelForCausalLM
 
     tokenized, base, tok_ref = inputs
     ref = train(tokenized, base, tok_ref, _cfg(method="qlora", max_steps=2, merge=True))
-    assert ref.meta["metrics"]["steps"] == 2
+    assert ref.figures["steps"] == 2
     peft_model, tok = load_finetuned(ref, base)
     merged = AutoModelForCausalLM.from_pretrained(str(ref.file("merged")))
     ids = tok("Sort the numbers: 3, 1", return_tensors="pt").input_ids
@@ -199,7 +220,7 @@ def test_qlora_gradients_reach_every_layer_after_an_eval_pass(inputs):
     last layer: bitsandbytes' CPU repacking of 4-bit weights has no autograd formula."""
     import bitsandbytes as bnb
 
-    from tasks.train import _load_model, _wrap_peft
+    from instructflow.training.trainer import _load_model, wrap_method
 
     _, base, _ = inputs
     cfg = _cfg(method="qlora")
@@ -211,7 +232,7 @@ def test_qlora_gradients_reach_every_layer_after_an_eval_pass(inputs):
             for m in model.modules():
                 if isinstance(m, bnb.nn.Linear4bit):
                     m.support_avx512bf16_for_cpu = repacks
-        model = _wrap_peft(model, cfg)
+        model = wrap_method(model, cfg)
         ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
         model.eval()
         with torch.no_grad():
@@ -240,6 +261,26 @@ def test_bad_inputs_fail_in_one_line(inputs, tmp_path):
         train(no_train, base, tok_ref, _cfg())
 
 
+def test_max_length_beyond_the_base_models_positions_is_refused(inputs, tmp_path):
+    import transformers as tf
+
+    tokenized, base, tok_ref = inputs
+    assert json.loads(base.file("model.json").read_text())["max_positions"] == 1024
+    tok = load_tokenizer(tok_ref)
+    config = tf.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+    )
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "short")
+    short = prepare_base_model(ModelConfig(name_or_path=str(tmp_path / "short")), tok_ref)
+    with pytest.raises(TrainError, match=r"max_length=64 is above .*short's max_position_emb"):
+        train(tokenized, short, tok_ref, _cfg())  # tokenized at max_length=64
+
+
 def test_stage_figures_reach_mlflow_without_checkpoints(inputs):
     from mlflow.tracking import MlflowClient
 
@@ -253,9 +294,9 @@ def test_stage_figures_reach_mlflow_without_checkpoints(inputs):
     with mlflow.start_run() as run:
         tracking.log_stage(run.info.run_id, ref)
     client = MlflowClient()
-    history = client.get_metric_history(run.info.run_id, "train.loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2]
-    assert client.get_run(run.info.run_id).data.metrics["train.best_eval_loss"] > 0
+    assert client.get_run(run.info.run_id).data.metrics["train/best_eval_loss"] > 0
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "train")}
     expected = {"adapter", "tokenizer", "train.json", "loss_curve.png"}
     assert {f"train/{name}" for name in expected} <= logged

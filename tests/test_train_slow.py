@@ -14,9 +14,11 @@ import torch
 
 from instructflow import demo_data, workspace
 from instructflow.config import ModelConfig, TrainConfig
+from instructflow.loading import load_base_model, load_tokenizer
 from instructflow.training.fixtures import write_tokenized
-from tasks.base_model import load_base_model, load_tokenizer, prepare_base_model, prepare_tokenizer
-from tasks.train import ROOT, last_complete_checkpoint, train, work_key
+from instructflow.training.trainer import ROOT, last_complete_checkpoint
+from tasks.base_model import prepare_base_model, prepare_tokenizer
+from tasks.train import train, work_key
 
 pytestmark = pytest.mark.slow
 STEPS = 16  # long enough after the first checkpoint (step 2) for the test to kill it
@@ -58,13 +60,12 @@ def _generates(train_ref, base) -> None:
 def test_sigkilled_run_resumes_from_last_complete_checkpoint(inputs):
     tokenized, base, tok_ref = inputs
     cfg = TrainConfig(
-        method="lora",
+        method={"name": "lora", "r": 4},
         max_steps=STEPS,
         per_device_batch_size=2,
         save_steps=2,
         eval_steps=100,
         logging_steps=1,
-        lora_r=4,
         save_total_limit=3,
     )
     work = workspace.work_dir("train", work_key(tokenized, base, tok_ref, cfg)) / "checkpoints"
@@ -99,7 +100,7 @@ def test_sigkilled_run_resumes_from_last_complete_checkpoint(inputs):
     }
 
     ref = train(tokenized, base, tok_ref, cfg)  # same inputs -> same work dir -> resume
-    metrics = ref.meta["metrics"]
+    metrics = ref.figures
     assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == STEPS
     logged = [s for s, _ in ref.meta["step_metrics"]["loss"]]
     assert logged == list(range(killed_at + 1, STEPS + 1))  # no step before the checkpoint redone
@@ -108,7 +109,7 @@ def test_sigkilled_run_resumes_from_last_complete_checkpoint(inputs):
     # Optimizer, scheduler, RNG and data order were restored: the curve continues exactly
     # as an uninterrupted run's (resume=False changes the key, so this one starts fresh).
     whole = train(tokenized, base, tok_ref, cfg.model_copy(update={"resume": False}))
-    assert whole.meta["metrics"]["resumed_from_step"] == 0
+    assert whole.figures["resumed_from_step"] == 0
     expected = [v for s, v in whole.meta["step_metrics"]["loss"] if s > killed_at]
     assert [v for _, v in ref.meta["step_metrics"]["loss"]] == pytest.approx(expected, rel=1e-5)
 
@@ -116,7 +117,11 @@ def test_sigkilled_run_resumes_from_last_complete_checkpoint(inputs):
 def test_two_process_ddp_trains_rank_shards_and_rank0_writes(inputs):
     tokenized, base, tok_ref = inputs
     cfg = TrainConfig(
-        method="lora", nproc=2, max_steps=3, per_device_batch_size=2, eval_steps=2, lora_r=4
+        method={"name": "lora", "r": 4},
+        nproc=2,
+        max_steps=3,
+        per_device_batch_size=2,
+        eval_steps=2,
     )
     ref = train(tokenized, base, tok_ref, cfg)
     info = json.loads(ref.file("train.json").read_text())
@@ -140,7 +145,7 @@ def test_two_process_ddp_trains_rank_shards_and_rank0_writes(inputs):
 def test_flow_trains_then_hits_the_cache_and_fills_mlflow(home):
     from mlflow.tracking import MlflowClient
 
-    from instructflow.pipeline import run_finetune
+    from flows.run import run_finetune
 
     overrides = [
         "data.demo_rows=40",
@@ -148,7 +153,7 @@ def test_flow_trains_then_hits_the_cache_and_fills_mlflow(home):
         "train.method=lora",
         "train.max_steps=2",
         "train.logging_steps=1",
-        "train.lora_r=4",
+        "train.method.r=4",
         "tracking.min_free_disk_mb=0",
     ]
     first = run_finetune(None, overrides, until="train")
@@ -160,6 +165,6 @@ def test_flow_trains_then_hits_the_cache_and_fills_mlflow(home):
     client = MlflowClient()
     for summary in (first, second):  # a Cached stage still fills its new run
         run_id = summary["mlflow_run_id"]
-        assert [m.step for m in client.get_metric_history(run_id, "train.loss")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
         logged = {a.path for a in client.list_artifacts(run_id, "train")}
         assert "train/adapter" in logged and "train/loss_curve.png" in logged

@@ -71,8 +71,8 @@ def test_alpaca_ch07_outputs_report_and_meta(home, shared_datasets):
     assert all(len(groups) == 1 for groups in by_prompt.values())
     assert len({r["group"] for r in clean}) < len(clean)
     meta = ref.meta
-    assert meta["metrics"]["rows_in"] == len(source)
-    assert meta["metrics"]["rows_out"] == len(clean)
+    assert ref.figures["rows_in"] == len(source)
+    assert ref.figures["rows_out"] == len(clean)
     assert f"{len(clean)} rows kept" in meta["summary"]
     assert ref.file("length_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["lengths"]["output_chars"]["max"] == max(len(r["output"]) for r in clean)

@@ -20,7 +20,8 @@ What it is trained on and why (measured on a 2-core x86 CPU, fp32):
 The build is deterministic (seeded init, seeded data order, fixed recipe): the same recipe on
 the same machine and torch build gives byte-identical weights. It is cached per user (not per
 workspace) under `cache_root()`, keyed by tokenizer, architecture, recipe, corpus and this
-package's source, so a second workspace or a wiped one loads it in a second.
+package's code (instructflow.codeid: comments and docstrings do not count), so a second
+workspace or a wiped one loads it in a second.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from instructflow import codeid
 from instructflow.builtin import world
+from instructflow.templates import IM_END, IM_START
 
 NAME = "builtin:tiny"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
 # ChatML: the built-in tokenizer's chat template, and the fallback for tokenizers without one.
 CHATML_TEMPLATE = (
@@ -141,6 +143,28 @@ def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = VOCAB_SIZ
     fast.chat_template = CHATML_TEMPLATE
     fast.padding_side = "right"
     return fast
+
+
+def cached_tokenizer():
+    """`build_tokenizer()` through the per-user cache: training the BPE takes ~1 s, loading it
+    ~50 ms, and every run needs it. Keyed by the corpus, vocabulary size and this code."""
+    from filelock import FileLock
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = tokenizer_corpus()
+    blob = json.dumps([corpus, VOCAB_SIZE, codeid.digest(__file__)]).encode()
+    root = cache_root() / "builtin"
+    folder = root / f"tokenizer-{hashlib.sha256(blob).hexdigest()[:24]}"
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{folder.name}.lock"), timeout=600):
+        if not (folder / "tokenizer.json").is_file():
+            tok = build_tokenizer(corpus)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+            tok.save_pretrained(str(tmp))
+            os.rename(tmp, folder)
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -300,14 +324,6 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
-def _source_digest() -> str:
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(here.glob("*.py")):
-        h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()
-
-
 def cache_key(tokenizer, recipe: dict[str, Any] | None = None) -> str:
     """Everything that determines the weights: tokenizer, architecture, recipe, corpus, code."""
     payload = {
@@ -316,7 +332,7 @@ def cache_key(tokenizer, recipe: dict[str, Any] | None = None) -> str:
         "recipe": {**RECIPE, **(recipe or {})},
         "corpus": hashlib.sha256("\n".join(world.statements()).encode()).hexdigest(),
         "world_version": world.WORLD_VERSION,
-        "code": _source_digest(),
+        "code": codeid.digest(__file__),
     }
     blob = json.dumps(payload, sort_keys=True).encode()
     return "tiny-" + hashlib.sha256(blob).hexdigest()[:24]
@@ -336,8 +352,8 @@ def _intact(bundle: Path) -> bool:
 def ensure_pretrained(
     tokenizer, recipe: dict[str, Any] | None = None, progress: Progress | None = None
 ) -> tuple[Path, bool]:
-    """(bundle dir, whether it came from the cache). The bundle holds model/ (config +
-    safetensors), tokenizer/ and pretrain.json; it is built once per key, under a file lock
+    """(bundle dir, whether it came from the cache). The bundle holds model/ (config,
+    safetensors and the tokenizer) and pretrain.json; it is built once per key, under a file lock
     (a second process waits and then loads it), in a temp dir renamed into place."""
     from filelock import FileLock
 
@@ -357,8 +373,10 @@ def ensure_pretrained(
         info["cache_key"] = key
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         try:
+            # model/ is a complete HF model folder (weights + tokenizer): what adapters trained
+            # on it name as their base, so PEFT's own loaders find everything there.
             model.save_pretrained(str(tmp / "model"), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            tokenizer.save_pretrained(str(tmp / "model"))
             (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=1))
             files = hash_tree(tmp)
             manifest = {"digest": digest_of(files), "files": files}

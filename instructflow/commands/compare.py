@@ -45,6 +45,26 @@ def _fmt(v: float | None) -> str:
     return MISSING if v is None else f"{v:.6g}"
 
 
+def _figures(client, run_id: str) -> dict[str, float]:
+    """The run's bookkeeping figures (`<stage>/figures.json` artifacts), by metric name."""
+    import json
+    import tempfile
+
+    out: dict[str, float] = {}
+    for entry in client.list_artifacts(run_id):
+        if not entry.is_dir:
+            continue
+        names = {a.path for a in client.list_artifacts(run_id, entry.path)}
+        if f"{entry.path}/figures.json" not in names:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, f"{entry.path}/figures.json", tmp)
+            with open(local, encoding="utf-8") as fh:
+                data = json.load(fh)
+        out.update({f"{entry.path}/{k}": float(v) for k, v in data.items()})
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -74,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     metrics = Table(title="metrics")
     for col in ("metric", label_a, label_b, "B - A"):
         metrics.add_column(col, overflow="fold")
-    for row in metric_rows(a.data.metrics, b.data.metrics, args.all):
+    figures_a, figures_b = _figures(client, a.info.run_id), _figures(client, b.info.run_id)
+    for row in metric_rows(
+        {**figures_a, **a.data.metrics}, {**figures_b, **b.data.metrics}, args.all
+    ):
         metrics.add_row(*row)
     console.print(params if params.row_count else "config: identical")
     console.print(metrics if metrics.row_count else "metrics: identical")

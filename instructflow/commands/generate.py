@@ -16,19 +16,21 @@ def register(sub) -> None:
     )
     p.add_argument("instruction", help="the instruction ('-' reads it from stdin)")
     p.add_argument("--input", default="", help="optional input/context for the instruction")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap (default: 64)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
+    )
     p.add_argument("--tracking-uri", help="MLflow store (default: the workspace's)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import mlflow
-    from instructflow import registry, tracking
+    from instructflow import loading, registry, tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri(args.tracking_uri))
     instruction = sys.stdin.read() if args.instruction == "-" else args.instruction
-    model, tokenizer, template = registry.load_for_inference(args.model)
+    model, tokenizer, template = loading.load_for_inference(args.model)
     print(
         registry.generate(
             model,

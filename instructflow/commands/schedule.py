@@ -27,10 +27,21 @@ def register(sub) -> None:
     from instructflow.cli import DEFAULT_CONFIG
 
     p = sub.add_parser("schedule", help="serve the nightly deployment (cron) from this process")
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.add_argument(
+        "-c",
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"the config each run uses (default: {DEFAULT_CONFIG})",
+    )
     p.add_argument("--cron", help="cron expression (default: deployments/prefect.yaml)")
     p.add_argument("--timezone", help="IANA timezone, e.g. Europe/Berlin (default: the yaml's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value for every run (repeatable)",
+    )
     p.add_argument("--name", help="deployment name (default: nightly)")
     p.set_defaults(func=run)
 

@@ -15,7 +15,7 @@ def register(sub) -> None:
         "or models:/NAME@alias",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request")
     p.add_argument("--tracking-uri", help="MLflow store for models:/ URIs (default: workspace)")
     p.set_defaults(func=run)

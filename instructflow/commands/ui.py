@@ -1,29 +1,33 @@
-"""`instructflow ui`: the MLflow UI on the workspace's store, bound to 127.0.0.1."""
+"""`instructflow ui`: the MLflow UI on the workspace's store and the workspace's Prefect UI,
+bound to 127.0.0.1. Stopping it (Ctrl-C or SIGTERM) stops the MLflow UI it started, with all
+its worker processes; the Prefect server keeps serving runs (`instructflow server stop`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ui", help="open the MLflow UI on the workspace's runs and models")
+    p = sub.add_parser(
+        "ui", help="the MLflow UI (runs, models) and the Prefect UI (flow runs) of the workspace"
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="MLflow UI port (default: 5000)")
     p.add_argument("--tracking-uri", help="MLflow store (default: the workspace's)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from instructflow import tracking, workspace
+    from instructflow import prefect_server, tracking, workspace
 
     uri = tracking.tracking_uri(args.tracking_uri)
-    prefect_api = os.environ.get("PREFECT_API_URL")
-    if prefect_api:
-        print(f"Prefect UI: {prefect_api.rstrip('/').removesuffix('/api')}")
+    prefect_api = os.environ.get("PREFECT_API_URL") or prefect_server.ensure()
+    print(f"Prefect UI: {prefect_server.ui_url(prefect_api)}  (flow runs, task runs, logs)")
     if uri.startswith(("http://", "https://")):
         print(f"MLflow UI: {uri} (a tracking server is configured; nothing to start)")
         return 0
@@ -43,7 +47,16 @@ def run(args: argparse.Namespace) -> int:
         "--workers",
         "1",
     ]
+    # Its own process group: MLflow's UI runs worker processes, and they must stop with it.
+    proc = subprocess.Popen(cmd, start_new_session=True)
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into the same)
         return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

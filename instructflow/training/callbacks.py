@@ -68,28 +68,83 @@ class StepMetrics(TrainerCallback):
 
 
 class Progress(TrainerCallback):
-    """Live progress: in-process listeners, or stdout lines the parent forwards (torchrun)."""
+    """Live progress (step/total, loss, useful tokens/s, ETA) and live metrics: in-process
+    listeners, or stdout lines the parent forwards (torchrun). The pipeline logs each
+    `stage_metrics` event to the MLflow run as it arrives, so the UI draws the loss curve
+    while training runs."""
 
-    def __init__(self, subprocess_mode: bool = False):
+    def __init__(self, metrics: StepMetrics, subprocess_mode: bool = False):
+        self.metrics = metrics
         self.subprocess_mode = subprocess_mode
         self.loss: float | None = None
+        self._t0: float | None = None
+        self._step0 = 0
+        self._sent: dict[str, int] = {}  # series -> last step sent (on_log fires several
+        # times per step: train loss, eval, the end-of-training summary)
 
-    def _emit(self, **payload: Any) -> None:
+    def _emit(self, event: str, **payload: Any) -> None:
         if self.subprocess_mode:
-            print(PROGRESS_PREFIX + json.dumps(payload), flush=True)
+            print(PROGRESS_PREFIX + json.dumps({"event": event, **payload}), flush=True)
             sys.stdout.flush()
         else:
-            progress.notify("stage_progress", **payload)
+            progress.notify(event, **payload)
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._t0, self._step0 = time.perf_counter(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero:
+            return
         if logs and "loss" in logs:
             self.loss = float(logs["loss"])
+        step = state.global_step
+        latest = {
+            k: v[-1][1]
+            for k, v in self.metrics.series.items()
+            if v and v[-1][0] == step and self._sent.get(k) != step
+        }
+        self._sent.update(dict.fromkeys(latest, step))
+        if latest:
+            self._emit("stage_metrics", stage="train", step=step, metrics=latest)
 
     def on_step_end(self, args, state, control, **kw):
         if not state.is_world_process_zero:
             return
-        msg = f"loss {self.loss:.3f}" if self.loss is not None else "training"
-        self._emit(stage="train", completed=state.global_step, total=state.max_steps, message=msg)
+        parts = [f"loss {self.loss:.3f}"] if self.loss is not None else ["training"]
+        rate = self.metrics.series.get("useful_tokens_per_s")
+        if rate:
+            parts.append(f"{rate[-1][1]:,.0f} tok/s")
+        done = state.global_step - self._step0
+        if self._t0 is not None and done > 0 and state.max_steps:
+            per_step = (time.perf_counter() - self._t0) / done
+            parts.append(f"ETA {per_step * (state.max_steps - state.global_step):.0f} s")
+        self._emit(
+            "stage_progress",
+            stage="train",
+            completed=state.global_step,
+            total=state.max_steps,
+            message=", ".join(parts),
+        )
+
+
+class GracefulStop(TrainerCallback):
+    """On the first SIGINT/SIGTERM (instructflow.interrupts.requested_stop), finish the step,
+    save a checkpoint if a step finished since the last one, and stop training."""
+
+    def __init__(self, request):
+        self.request = request
+        self.saved_step = 0
+        self.stopped_at: int | None = None
+
+    def on_save(self, args, state, control, **kw):
+        self.saved_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.request and self.stopped_at is None:
+            self.stopped_at = state.global_step
+            control.should_save = state.global_step > self.saved_step
+            control.should_training_stop = True
+        return control
 
 
 def forward_progress_line(line: str) -> bool:
@@ -100,5 +155,5 @@ def forward_progress_line(line: str) -> bool:
         payload = json.loads(line[len(PROGRESS_PREFIX) :])
     except ValueError:
         return False
-    progress.notify("stage_progress", **payload)
+    progress.notify(payload.pop("event", "stage_progress"), **payload)
     return True

@@ -12,6 +12,7 @@ from typing import Any
 
 from instructflow import templates
 from instructflow.artifacts import ArtifactRef, write_artifact
+from instructflow.templates import IGNORE_INDEX
 
 
 def tokenize_row(row: dict[str, Any], tokenizer, template: str = "alpaca") -> dict[str, list[int]]:
@@ -20,7 +21,7 @@ def tokenize_row(row: dict[str, Any], tokenizer, template: str = "alpaca") -> di
     for text, trainable in templates.segments(row, template, tokenizer):
         piece = tokenizer(text, add_special_tokens=False).input_ids
         ids += piece
-        labels += piece if trainable else [-100] * len(piece)
+        labels += piece if trainable else [IGNORE_INDEX] * len(piece)
     return {"input_ids": ids, "labels": labels, "length": len(ids)}
 
 

@@ -18,7 +18,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-IGNORE = -100
+from instructflow.templates import IGNORE_INDEX
+
+IGNORE = IGNORE_INDEX  # the name the packing code and its tests use
 
 
 @dataclass

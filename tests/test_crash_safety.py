@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from flows.stages import STAGES
 from instructflow.artifacts import ArtifactRef, verify
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_STAGES = ["download", "validate", "augment", "split", "tokenize"]
+DATA_STAGES = list(STAGES[: STAGES.index("tokenize") + 1])
 SMALL = ["--set", "data.demo_rows=120"]
 
 
@@ -40,15 +41,16 @@ def _run_args(summary: Path) -> list[str]:
     ]
 
 
-def _all_published_artifacts_valid(home: Path) -> int:
-    count = 0
+def _published(home: Path) -> dict[str, int]:
+    """Published artifacts per stage dir, each verified against its digest (raises if not)."""
+    counts: dict[str, int] = {}
     for stage_dir in (home / "artifacts").iterdir():
         for art in stage_dir.iterdir():
             if art.name.startswith("."):
                 continue
             verify(ArtifactRef(stage=stage_dir.name, path=str(art), digest=art.name))
-            count += 1
-    return count
+            counts[stage_dir.name] = counts.get(stage_dir.name, 0) + 1
+    return counts
 
 
 @pytest.mark.slow
@@ -76,7 +78,11 @@ def test_sigkill_inside_each_data_stage_then_rerun_completes(tmp_path):
         # The killed stage left only an unpublished temp dir, which nothing trusts.
         leftovers = [p.name for p in (home / "artifacts" / stage).iterdir()]
         assert any(name.startswith(".tmp-") for name in leftovers), leftovers
-        assert _all_published_artifacts_valid(home) >= DATA_STAGES.index(stage)
+        # Exactly the stages before the killed one are published, once each, all intact (the
+        # tokenizer helper is published before tokenize runs).
+        before = DATA_STAGES[: DATA_STAGES.index(stage)]
+        expected = {s: 1 for s in before} | ({"tokenizer": 1} if stage == "tokenize" else {})
+        assert _published(home) == expected
 
     summary = tmp_path / "final.json"
     done = subprocess.run(
@@ -86,7 +92,7 @@ def test_sigkill_inside_each_data_stage_then_rerun_completes(tmp_path):
     states = {k: v["state"] for k, v in json.loads(summary.read_text())["stages"].items()}
     # Every stage finished before its kill is reused; the last killed one is recomputed.
     assert [states[s] for s in DATA_STAGES] == ["Cached"] * 4 + ["Completed"], states
-    assert _all_published_artifacts_valid(home) >= len(DATA_STAGES)
+    assert _published(home) == {s: 1 for s in DATA_STAGES} | {"tokenizer": 1}
 
 
 @pytest.mark.slow
@@ -114,4 +120,4 @@ def test_two_concurrent_runs_share_one_workspace_safely(tmp_path):
             p for p in (home / "artifacts" / stage).iterdir() if not p.name.startswith(".")
         ]
         assert len(published) == 1, (stage, published)
-    _all_published_artifacts_valid(home)
+    _published(home)  # every published artifact verifies

@@ -1,0 +1,98 @@
+"""Screenshots of the MLflow UI on a workspace's runs, in headless Chromium, for docs/ui/.
+
+    python docs/screenshots.py --home .instructflow      # needs two runs in the workspace
+
+Needs Debian's chromium (`apt-get install chromium`) and `pip install playwright` (its Python
+API only: the browser is Debian's, nothing is downloaded). It starts `instructflow ui` on a
+free port, opens the experiment page, the newest run's metric charts and the compare view of
+the two newest runs, and saves docs/ui/{experiment,run-metrics,compare}.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", required=True, help="the workspace (INSTRUCTFLOW_HOME)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "ui"), help="where the PNGs go")
+    ap.add_argument("--chromium", default="/usr/bin/chromium", help="the browser binary")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    port = free_port()
+    env = {**os.environ, "INSTRUCTFLOW_HOME": str(Path(args.home).resolve())}
+    cmd = [sys.executable, "-m", "instructflow.cli", "ui", "--port", str(port)]
+    ui = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        api = f"{base}/ajax-api/2.0/mlflow"
+        exps = httpx.post(f"{api}/experiments/search", json={"max_results": 100}).json()
+        exp = next(e for e in exps["experiments"] if e["name"] != "Default")
+        runs = httpx.post(
+            f"{api}/runs/search",
+            json={"experiment_ids": [exp["experiment_id"]], "order_by": ["start_time DESC"]},
+        ).json()["runs"]
+        ids = [r["info"]["run_id"] for r in runs[:2]]
+        pages = {
+            "experiment": f"{base}/#/experiments/{exp['experiment_id']}/runs",
+            "run-metrics": f"{base}/#/experiments/{exp['experiment_id']}/runs/{ids[0]}"
+            "/model-metrics",
+            "compare": f"{base}/#/compare-runs?runs={json.dumps(ids)}"
+            f"&experiments={json.dumps([exp['experiment_id']])}",
+        }
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            for name, url in pages.items():
+                page.goto(url)
+                page.wait_for_load_state("networkidle")
+                time.sleep(4)  # charts render after the data arrives
+                page.screenshot(path=str(out / f"{name}.png"), full_page=False)
+                print(f"{out / f'{name}.png'}  <- {url}")
+            browser.close()
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

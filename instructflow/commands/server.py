@@ -1,0 +1,47 @@
+"""`instructflow server status|start|stop`: the workspace's Prefect server (API + UI)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "server",
+        help="the workspace's Prefect server (started on first run, reused after)",
+        description="The workspace's Prefect server on 127.0.0.1: runs report to it and its UI "
+        "shows them. `instructflow run` starts it on first use.",
+    )
+    p.add_argument(
+        "action",
+        choices=["status", "start", "stop"],
+        nargs="?",
+        default="status",
+        help="status (default): is it running and where; start: start it now; stop: stop it",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from instructflow import prefect_server as ps
+    from instructflow import workspace
+
+    home = workspace.home()
+    if args.action == "start":
+        url = ps.ensure(home)
+        print(f"Prefect server running: API {url}, UI {ps.ui_url(url)}")
+        return 0
+    if args.action == "stop":
+        print("stopped" if ps.stop(home) else "no Prefect server was running for this workspace")
+        return 0
+    info = ps.state(home)
+    if info is None:
+        print(f"no Prefect server running for {home} (`instructflow run` starts one)")
+        return 1
+    up = time.time() - info.get("started", time.time())
+    print(
+        f"Prefect server pid {info['pid']}, up {up / 60:.0f} min: API {info['url']}, "
+        f"UI {ps.ui_url(info['url'])}, log {info['log']}"
+    )
+    return 0

@@ -1,0 +1,120 @@
+"""The promotion gate: does a challenger replace the champion? Rules as data.
+
+Each champion-comparison rule is one row of `RULES`: the metric, which way is better, the
+register config field holding the limit, and whether the limit is on the absolute or the
+relative change. A new promotion metric is one row (and its config field). The judge rule is
+apart: it reads the pairwise win rate's interval, only for a judge that proved itself
+(instructflow.calibration), and also applies before there is a champion (vs the base model).
+
+When the test split changed since the champion was measured, each model's gain over its own
+base model is compared instead of raw values (a ratio for perplexity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Rule:
+    metric: str
+    label: str
+    higher_is_better: bool
+    limit_field: str  # the RegisterConfig field with the allowed worsening
+    relative: bool  # the limit is on the relative change (new / old - 1), else the difference
+
+
+RULES = (
+    Rule("rougeL", "ROUGE-L", higher_is_better=True, limit_field="max_rougeL_drop", relative=False),
+    Rule(
+        "exact_match",
+        "exact match",
+        higher_is_better=True,
+        limit_field="max_exact_match_drop",
+        relative=False,
+    ),
+    Rule(
+        "perplexity",
+        "perplexity",
+        higher_is_better=False,
+        limit_field="max_perplexity_increase",
+        relative=True,
+    ),
+)
+
+
+def gate(
+    challenger: dict[str, float],
+    champion: dict[str, float] | None,
+    cfg,
+    same_split: bool = True,
+    judge: dict[str, Any] | None = None,
+) -> tuple[bool, list[str]]:
+    """(promote?, reasons). `challenger` / `champion`: evaluate metrics (with `_base` twins);
+    `judge`: the challenger's evaluate report judge section (usable, status, opponent)."""
+    reasons: list[str] = []
+    if champion is None:
+        reasons.append(
+            "no champion yet: the first version becomes champion unless a usable judge "
+            "rejects it (the comparison rules need a champion)"
+        )
+    ok, reason = win_rate_rule(challenger, cfg, judge or {})
+    reasons.append(reason)
+    if champion is None:
+        return ok, reasons
+    for rule in RULES:
+        passed, reason = _check(rule, challenger, champion, cfg, same_split)
+        ok &= passed
+        reasons.append(reason)
+    return ok, reasons
+
+
+def _check(rule: Rule, new_m: dict, old_m: dict, cfg, same_split: bool) -> tuple[bool, str]:
+    new, old, how = comparable(new_m, old_m, rule.metric, same_split)
+    if new is None or old is None or (rule.relative and old <= 0):
+        return True, f"{rule.label}: not measured on both, rule skipped"
+    limit = getattr(cfg, rule.limit_field)
+    if rule.relative:
+        worse = (new / old - 1.0) * (-1 if rule.higher_is_better else 1)
+        change = f"{new / old - 1.0:+.1%}"
+        bound = f"+{limit:.1%}"
+    else:
+        worse = (old - new) if rule.higher_is_better else (new - old)
+        change = f"{'drop' if rule.higher_is_better else 'rise'} {worse:+.4f}"
+        bound = f"{limit}"
+    passed = worse <= limit
+    return passed, (
+        f"{rule.label}{how} {new:.4g} vs champion {old:.4g}: {change} "
+        f"{'<=' if passed else '>'} {bound}"
+    )
+
+
+def win_rate_rule(metrics: dict[str, float], cfg, judge: dict[str, Any]) -> tuple[bool, str]:
+    """The judge rule: the 95 % bootstrap interval's LOWER bound of the pairwise win rate must
+    reach `register.min_win_rate` (not the point estimate), and only a usable judge counts."""
+    win, low, high = (metrics.get(k) for k in ("win_rate", "win_rate_low", "win_rate_high"))
+    if win is None or low is None:
+        return True, "win rate: no pairwise judge result, rule skipped"
+    if not judge.get("usable"):
+        status = judge.get("status") or "judge not calibrated"
+        return True, f"win rate {win:.3f}: {status}; rule skipped"
+    opponent = judge.get("pairwise_opponent", "base")
+    against = "the champion" if opponent == "champion" else "the base model"
+    passed = low >= cfg.min_win_rate
+    return passed, (
+        f"win rate vs {against} {win:.3f}, 95 % interval [{low:.3f}, {high:.3f}]: lower bound "
+        f"{'>=' if passed else '<'} {cfg.min_win_rate}"
+    )
+
+
+def comparable(new: dict, old: dict, name: str, same_split: bool):
+    """Raw values on the same test split; otherwise each one's gain over its base model."""
+    if same_split:
+        return new.get(name), old.get(name), ""
+    nb, ob = new.get(f"{name}_base"), old.get(f"{name}_base")
+    if None in (new.get(name), old.get(name), nb, ob):
+        return None, None, ""
+    if name == "perplexity":  # ratio to base, so a split change cancels out
+        return new[name] / nb, old[name] / ob, " (relative to base, test splits differ)"
+    return new[name] - nb, old[name] - ob, " (gain over base, test splits differ)"

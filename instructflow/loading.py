@@ -1,0 +1,207 @@
+"""Every way a model is loaded, in one place: tokenizers, base models (built-in, hub, local),
+fine-tuned adapters and full models from train artifacts, PEFT adapter folders, and MLflow
+registry URIs (`models:/NAME@alias`). Train, evaluate, register, serve, generate and the judge
+all load through here.
+
+Safety: weights load from safetensors only (`use_safetensors=True`), and remote code runs only
+when the base model's artifact records `trust_remote_code` (set in the config).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from instructflow.artifacts import MANIFEST, ArtifactRef
+from instructflow.builtin import model as builtin
+
+
+class LoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; one-line message."""
+
+
+# -- tokenizers and base models ---------------------------------------------------------------
+def load_tokenizer(ref: ArtifactRef | str | Path):
+    from transformers import AutoTokenizer
+
+    path = ref.path if isinstance(ref, ArtifactRef) else str(ref)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def model_info(ref: ArtifactRef) -> dict[str, Any]:
+    """The base-model artifact's model.json: what the base is and where its weights are."""
+    return json.loads(ref.file("model.json").read_text())
+
+
+def base_model_source(ref: ArtifactRef) -> tuple[str, dict[str, Any]]:
+    """(path or hub id, from_pretrained kwargs) of the base weights this artifact refers to."""
+    info = model_info(ref)
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": bool(info.get("trust_remote_code")),
+        "use_safetensors": True,
+    }
+    if info.get("attn_implementation"):
+        kwargs["attn_implementation"] = info["attn_implementation"]
+    if info["kind"] == "builtin":
+        return str(ref.file(info["weights"])), kwargs
+    if info["kind"] == "hub" and info.get("revision"):
+        kwargs["revision"] = info["revision"]
+    return info["name_or_path"], kwargs
+
+
+def load_base_model(ref: ArtifactRef, **overrides: Any):
+    """The base causal LM of a base-model artifact; `overrides` go to from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    source, kwargs = base_model_source(ref)
+    kwargs.update(overrides)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        raise LoadError(f"{source}: base model could not be loaded ({exc})") from None
+
+
+def load_builtin():
+    """(model, tokenizer) of the pre-trained builtin:tiny, from the per-user cache (built there
+    on first use)."""
+    from transformers import AutoModelForCausalLM
+
+    bundle, _ = builtin.ensure_pretrained(builtin.cached_tokenizer())
+    model = AutoModelForCausalLM.from_pretrained(str(bundle / "model"), use_safetensors=True)
+    return model, load_tokenizer(bundle / "model")
+
+
+def hf_base_path(info: dict[str, Any]) -> str:
+    """What an adapter's `base_model_name_or_path` should say so that PEFT's own loaders
+    (`AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`) find the base: a hub id, a local
+    folder, or, for builtin:tiny, its folder in the per-user cache (the same for every
+    workspace of this user; rebuilt at the same path if the cache is wiped)."""
+    if info.get("kind") == "builtin" and info.get("pretrain", {}).get("cache_key"):
+        return str(builtin.cache_root() / "builtin" / info["pretrain"]["cache_key"] / "model")
+    return str(info["name_or_path"])
+
+
+def load_plain(spec: str):
+    """(model, tokenizer, template) of an HF model folder or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True)
+    except Exception as exc:
+        raise LoadError(f"{spec}: could not load a model ({type(exc).__name__})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, "chat_template" if tok.chat_template else "alpaca"
+
+
+# -- fine-tuned models ------------------------------------------------------------------------
+def load_finetuned(train_ref: ArtifactRef, base_ref: ArtifactRef, **kwargs: Any):
+    """(model, tokenizer) of a train artifact: its adapter on the fp32 base (PeftModel), or
+    its full model. `kwargs` go to from_pretrained (e.g. device_map). Defaults: fp32, CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs.setdefault("dtype", torch.float32)
+    tok = load_tokenizer(train_ref.file("tokenizer"))
+    if train_ref.file("model").is_dir():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(train_ref.file("model")), use_safetensors=True, **kwargs
+        )
+    else:
+        from peft import PeftModel
+
+        base = load_base_model(base_ref, **kwargs)
+        model = PeftModel.from_pretrained(base, str(train_ref.file("adapter")))
+    model.config.use_cache = True
+    model.eval()
+    return model, tok
+
+
+def _ref_of(path: Path, stage: str) -> ArtifactRef:
+    digest = ""
+    if (path / MANIFEST).is_file():
+        digest = json.loads((path / MANIFEST).read_text())["digest"]
+    return ArtifactRef(stage=stage, path=str(path), digest=digest)
+
+
+def load_artifact_dirs(train_dir: Path, base_dir: Path):
+    """(model, tokenizer, template) from a train artifact dir and a base-model artifact dir
+    (as the registry stores them)."""
+    info = json.loads((train_dir / "train.json").read_text())
+    model, tok = load_finetuned(_ref_of(train_dir, "train"), _ref_of(base_dir, "base_model"))
+    return model, tok, info.get("template", "alpaca")
+
+
+def _base_for(info: dict[str, Any]):
+    """The base model a train artifact was trained on: its artifact in this workspace, else
+    the built-in model or the hub id it names."""
+    from instructflow import workspace
+
+    for model_json in sorted((workspace.artifacts_dir() / "base_model").glob("*/model.json")):
+        if json.loads(model_json.read_text()) == info:
+            return load_base_model(_ref_of(model_json.parent, "base_model"))
+    if info.get("name_or_path") == builtin.NAME:
+        return load_builtin()[0]
+    return load_plain(info["name_or_path"])[0]
+
+
+def _train_artifact(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    info = json.loads((path / "train.json").read_text())
+    tok = load_tokenizer(path / "tokenizer")
+    template = info.get("template", "alpaca")
+    for full in ("merged", "model"):
+        if (path / full).is_dir():
+            model = AutoModelForCausalLM.from_pretrained(str(path / full), use_safetensors=True)
+            return model, tok, template
+    from peft import PeftModel
+
+    return (
+        PeftModel.from_pretrained(_base_for(info["base_model"]), str(path / "adapter")),
+        tok,
+        template,
+    )
+
+
+def _adapter_dir(path: Path):
+    from peft import PeftConfig, PeftModel
+
+    base_id = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    if not base_id:
+        raise LoadError(f"{path}: adapter_config.json names no base model")
+    base, tok, template = load_for_inference(base_id)
+    if (path / "tokenizer_config.json").is_file():
+        tok = load_tokenizer(path)
+    return PeftModel.from_pretrained(base, str(path)), tok, template
+
+
+def _registered(uri: str):
+    import mlflow.pyfunc
+
+    try:
+        loaded = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LoadError(f"{uri}: cannot load from MLflow ({first})") from None
+    inner = loaded.unwrap_python_model()
+    return inner.model, inner.tokenizer, inner.template
+
+
+def load_for_inference(spec: str):
+    """(model, tokenizer, template) for serving, generating or judging, from: builtin:tiny, an
+    MLflow URI (`models:/NAME@alias`, `runs:/...`), a train artifact dir, a PEFT adapter dir,
+    or a plain HF model dir / hub id."""
+    if spec == builtin.NAME:
+        model, tok = load_builtin()
+        return model, tok, "chat_template"
+    if spec.startswith(("models:/", "runs:/")) or "://" in spec:
+        return _registered(spec)
+    path = Path(spec)
+    if path.is_dir() and (path / "train.json").is_file():
+        return _train_artifact(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return _adapter_dir(path)
+    return load_plain(spec)

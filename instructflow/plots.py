@@ -1,0 +1,78 @@
+"""Every plot a stage writes, with matplotlib's object API (a `Figure` per plot, rendered by
+the Agg canvas): no pyplot state and no global backend switch, so plotting from a stage never
+changes what a user's own matplotlib session does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    fig.tight_layout()
+    # No version stamp in the file: equal data gives byte-equal artifacts.
+    fig.savefig(path, dpi=dpi, metadata={"Software": None})
+
+
+def loss_curve(series: dict[str, list[list[float]]], path: Path) -> None:
+    """Training loss per step, with validation loss points when there are some."""
+    fig = _figure(6, 3.5)
+    ax = fig.add_subplot()
+    for name in ("loss", "eval_loss"):
+        if series.get(name):
+            steps, values = zip(*series[name], strict=True)
+            ax.plot(steps, values, marker="." if name == "eval_loss" else None, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path, 100)
+
+
+def text_lengths(prompt: Sequence[int], output: Sequence[int], path: Path) -> None:
+    """Histograms of prompt and output lengths in characters (the validate stage's rows)."""
+    fig = _figure(9, 3.5)
+    for k, (label, values) in enumerate((("prompt", prompt), ("output", output))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        ax.hist(values, bins=50, color="tab:blue" if k == 0 else "tab:orange")
+        ax.set_title(f"{label} length (chars), n={len(values)}")
+        ax.set_xlabel("characters")
+        ax.set_ylabel("rows")
+    _save(fig, path, 80)
+
+
+def token_lengths(per_split: dict[str, Sequence[int]], max_length: int, path: Path) -> None:
+    """Histogram of tokens per example for each split, with the max_length cut."""
+    fig = _figure(6, 3.5)
+    ax = fig.add_subplot()
+    for name, lengths in per_split.items():
+        if len(lengths):
+            ax.hist(lengths, bins=40, alpha=0.6, label=f"{name} ({len(lengths)})")
+    ax.axvline(max_length, color="k", linestyle="--", label=f"max_length {max_length}")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.legend()
+    _save(fig, path, 100)
+
+
+def score_histograms(columns: dict[str, list[Any]], path: Path) -> None:
+    """Per-example BLEU, ROUGE-L and judge score, fine-tuned vs base (panels with data only)."""
+    panels = [("bleu", "BLEU"), ("rougeL", "ROUGE-L F1"), ("judge_score", "judge score (1-10)")]
+    panels = [p for p in panels if any(v is not None for v in columns.get(p[0], []))]
+    fig = _figure(4.2 * len(panels), 3.2)
+    for i, (key, title) in enumerate(panels, 1):
+        ax = fig.add_subplot(1, len(panels), i)
+        for suffix, label in (("", "fine-tuned"), ("_base", "base")):
+            values = [v for v in columns.get(key + suffix, []) if v is not None]
+            if values:
+                ax.hist(values, bins=20, alpha=0.6, label=label)
+        ax.set_title(title)
+        ax.legend()
+    _save(fig, path, 90)

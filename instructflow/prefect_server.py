@@ -1,0 +1,176 @@
+"""The workspace's own Prefect server: started on first use, reused by every later run.
+
+Without a server, each `instructflow run` started Prefect's ephemeral API in a subprocess
+(8-22 s on 2 cores, every time), that API died with the run on Ctrl-C (so the flow run stayed
+"Running" forever), and the Prefect UI had nothing to show. Instead the workspace keeps one
+`prefect server start` on 127.0.0.1 (its database under `<workspace>/prefect/`), detached from
+the terminal's process group so a Ctrl-C of a run reaches the run and not the server, which
+then records the run's final state. Runs find it through `<workspace>/prefect/server.json`.
+`instructflow server status|start|stop` manages it. A `PREFECT_API_URL` already in the
+environment (your own server or Prefect Cloud) is used as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from instructflow import workspace
+
+# Starting it never changes a stage's output (instructflow.codeid).
+OUTPUT_NEUTRAL = True
+STATE_FILE = "server.json"
+START_TIMEOUT_S = 180.0
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _dir(home: Path) -> Path:
+    return home / "prefect"
+
+
+def _healthy(url: str, timeout: float = 2.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """A running process (not a zombie whose parent, the CLI that started it, is gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def state(home: Path | None = None) -> dict[str, Any] | None:
+    """The recorded server (pid, url, port, log) if its process is alive, else None."""
+    path = _dir(home or workspace.home()) / STATE_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if _alive(int(info.get("pid", -1))) else None
+
+
+def running_url(home: Path | None = None) -> str | None:
+    info = state(home)
+    return info["url"] if info and _healthy(info["url"]) else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure(home: Path | None = None) -> str:
+    """The API URL of the workspace's server, starting it if it is not running (under a file
+    lock, so two runs starting together share one server)."""
+    from filelock import FileLock
+
+    home = home or workspace.home()
+    folder = _dir(home)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".server.lock"), timeout=START_TIMEOUT_S + 30):
+        url = running_url(home)
+        if url:
+            return url
+        stop(home)  # a recorded process that no longer answers
+        return _start(home)
+
+
+def _start(home: Path) -> str:
+    folder = _dir(home)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = folder / "server.log"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(folder),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        # The UI must call this server, not the default port.
+        "PREFECT_UI_API_URL": url,
+    }
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "prefect", "server", "start"]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # not in the terminal's process group: Ctrl-C spares it
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:].lower()
+            cause = next(
+                (h for h in ("malformed", "not a database", "disk is full") if h in tail), ""
+            )
+            detail = f": database {cause}" if cause else ""
+            raise ServerError(
+                f"the Prefect server exited at start ({proc.returncode}{detail}); see {log}"
+            )
+        if _healthy(url, timeout=1.0):
+            info = {"pid": proc.pid, "url": url, "port": port, "log": str(log)}
+            info["started"] = time.time()
+            (folder / STATE_FILE).write_text(json.dumps(info))
+            return url
+        time.sleep(0.3)
+    _kill(proc.pid)
+    raise ServerError(
+        f"the Prefect server did not answer within {START_TIMEOUT_S:.0f} s; see {log}"
+    )
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    for _ in range(50):
+        if not _alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop(home: Path | None = None) -> bool:
+    """Stop the workspace's server (its whole process group); whether one was running."""
+    folder = _dir(home or workspace.home())
+    info = state(home)
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    if info is None:
+        return False
+    _kill(int(info["pid"]))
+    return True
+
+
+def ui_url(api_url: str) -> str:
+    return api_url.rstrip("/").removesuffix("/api")
