@@ -14,7 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	@# setuptools warns about any editable install of a flat layout (flows/, tasks/ next to
+	@# instructflow/); nothing to act on, so it does not reach the console.
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 demo: install

@@ -186,7 +186,8 @@ def test_reject_fraction_limit_names_the_file(home, tmp_path):
 def _cli(home: Path, source: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "INSTRUCTFLOW_HOME": str(home)}
     for var in [v for v in env if v.startswith(("PREFECT_", "MLFLOW_"))]:
-        env.pop(var)  # the CLI sets up its own workspace
+        if var != "PREFECT_API_URL":  # the session's server; else the CLI starts one that stays
+            env.pop(var)  # the CLI sets up its own workspace
     cmd = [sys.executable, "-m", "instructflow.cli", "--home", str(home), "run", "--plain"]
     cmd += ["--until", "validate", "--set", f"data.source={source}"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -194,8 +195,8 @@ def _cli(home: Path, source: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_cli_reports_one_error_line_and_no_traceback(tmp_path):
-    # One CLI case only: each process starts its own Prefect server (~45 s here); the
-    # in-process flow test below covers the other messages.
+    # One CLI case only (a process start costs seconds); the in-process flow test below
+    # covers the other messages.
     name = "binary.json"
     proc = _cli(tmp_path / "home", BAD / name)
     assert proc.returncode != 0

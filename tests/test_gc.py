@@ -32,6 +32,10 @@ def make_dir(path: Path, files: dict[str, int], age_s: float) -> Path:
 
 @pytest.fixture
 def tree(tmp_path) -> dict[str, Path]:
+    # Ages are set from the test's own start: the CLI measures them against the real clock,
+    # and collection may be many minutes before this test runs.
+    global NOW
+    NOW = time.time()
     home, cache = tmp_path / "home", tmp_path / "cache"
     art = home / "artifacts"
     return {
