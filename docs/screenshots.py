@@ -84,14 +84,30 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             for name, url in pages.items():
                 page.goto(url)
-                page.wait_for_load_state("networkidle")
-                time.sleep(4)  # charts render after the data arrives
+                page.wait_for_load_state("load")  # the UI polls: "networkidle" never comes
+                time.sleep(6)  # charts render after the data arrives
+                _tidy(page, name)
                 page.screenshot(path=str(out / f"{name}.png"), full_page=False)
                 print(f"{out / f'{name}.png'}  <- {url}")
             browser.close()
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+
+def _tidy(page, name: str) -> None:
+    """Close MLflow 3.17's assistant panel (it hides a third of the page) and, on the metrics
+    page, show the training curves. Best effort: a UI change leaves the plain page."""
+    try:
+        page.locator("[aria-label='Close']").last.click(timeout=3000)
+    except Exception:
+        pass
+    if name == "run-metrics":
+        try:
+            page.get_by_placeholder("Search metric charts").fill("train/", timeout=3000)
+        except Exception:
+            pass
+    time.sleep(3)
 
 
 if __name__ == "__main__":

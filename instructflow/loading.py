@@ -67,7 +67,7 @@ def load_builtin():
     on first use)."""
     from transformers import AutoModelForCausalLM
 
-    bundle, _ = builtin.ensure_pretrained(builtin.cached_tokenizer())
+    bundle, _ = builtin.ensure_pretrained(builtin.cached_tokenizer_dir())
     model = AutoModelForCausalLM.from_pretrained(str(bundle / "model"), use_safetensors=True)
     return model, load_tokenizer(bundle / "model")
 

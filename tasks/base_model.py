@@ -26,7 +26,6 @@ from instructflow.artifacts import ArtifactRef, sha256_file, write_artifact
 from instructflow.builtin import model as builtin
 from instructflow.caching import stage_task
 from instructflow.config import ModelConfig
-from instructflow.loading import load_tokenizer
 
 BUILTIN_TINY = builtin.NAME
 CHATML_TEMPLATE = builtin.CHATML_TEMPLATE
@@ -59,14 +58,25 @@ def _load_hub_tokenizer(cfg: ModelConfig):
 
 
 def prepare_tokenizer(cfg: ModelConfig) -> ArtifactRef:
-    builtin_tiny = cfg.name_or_path == BUILTIN_TINY
-    tok = builtin.cached_tokenizer() if builtin_tiny else _load_hub_tokenizer(cfg)
+    if cfg.name_or_path == BUILTIN_TINY:
+        # Copied, not loaded and saved: a cached run never imports transformers for it.
+        folder = builtin.cached_tokenizer_dir()
+        size = builtin.tokenizer_size(folder)
+
+        def save(tmp: Path) -> None:
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+    else:
+        tok = _load_hub_tokenizer(cfg)
+        size = len(tok)
+
+        def save(tmp: Path) -> None:
+            tok.save_pretrained(str(tmp))
 
     def write(tmp: Path) -> dict[str, Any]:
-        tok.save_pretrained(str(tmp))
+        save(tmp)
         return {
-            "params": {"name_or_path": cfg.name_or_path, "vocab_size": len(tok)},
-            "summary": f"{cfg.name_or_path} tokenizer, {len(tok)} tokens",
+            "params": {"name_or_path": cfg.name_or_path, "vocab_size": size},
+            "summary": f"{cfg.name_or_path} tokenizer, {size} tokens",
         }
 
     return write_artifact("tokenizer", write)
@@ -140,9 +150,13 @@ def prepare_base_model(cfg: ModelConfig, tokenizer: ArtifactRef) -> ArtifactRef:
 def _max_positions(tmp: Path, info: dict[str, Any]) -> int | None:
     """The longest sequence the base accepts (None when its config can't be read, e.g. a hub
     id offline): train checks tokenize.max_length against it before it loads anything."""
+    source = tmp / info["weights"] if info["kind"] == "builtin" else info["name_or_path"]
+    if (Path(source) / "config.json").is_file():  # read directly: no transformers import
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+        limit = config.get("max_position_embeddings") or config.get("n_positions")
+        return int(limit) if limit else None
     from transformers import AutoConfig
 
-    source = tmp / info["weights"] if info["kind"] == "builtin" else info["name_or_path"]
     try:
         config = AutoConfig.from_pretrained(
             str(source), revision=info.get("revision"), trust_remote_code=info["trust_remote_code"]
@@ -169,7 +183,7 @@ def _pretrained_builtin(tokenizer: ArtifactRef) -> tuple[Path, bool]:
             message=f"pre-training builtin:tiny{loss_txt}, ETA {eta:.0f} s",
         )
 
-    return builtin.ensure_pretrained(load_tokenizer(tokenizer), progress=report)
+    return builtin.ensure_pretrained(tokenizer.dir, progress=report)
 
 
 def _pretrain_card(bundle: Path) -> dict[str, Any]:

@@ -19,16 +19,13 @@ def copy(tmp_path, monkeypatch) -> Path:
     for pkg in codeid.PACKAGES:
         shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(codeid, "ROOT", tmp_path)
-    codeid._parsed.cache_clear()
     yield tmp_path
-    codeid._parsed.cache_clear()
 
 
 def _edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, old
     path.write_text(text.replace(old, new, 1))
-    codeid._parsed.cache_clear()
 
 
 def test_indirect_imports_count_and_comments_do_not(copy):

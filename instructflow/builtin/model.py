@@ -145,18 +145,18 @@ def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = VOCAB_SIZ
     return fast
 
 
-def cached_tokenizer():
-    """`build_tokenizer()` through the per-user cache: training the BPE takes ~1 s, loading it
-    ~50 ms, and every run needs it. Keyed by the corpus, vocabulary size and this code."""
+def cached_tokenizer_dir() -> Path:
+    """The folder of `build_tokenizer()` in the per-user cache (built there on first use):
+    training the BPE takes ~1 s and every run needs it. Keyed by the corpus, vocabulary size
+    and this code; nothing here imports transformers, so a cached run starts fast."""
     from filelock import FileLock
-    from transformers import PreTrainedTokenizerFast
 
     corpus = tokenizer_corpus()
     blob = json.dumps([corpus, VOCAB_SIZE, codeid.digest(__file__)]).encode()
     root = cache_root() / "builtin"
     folder = root / f"tokenizer-{hashlib.sha256(blob).hexdigest()[:24]}"
     if (folder / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+        return folder
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{folder.name}.lock"), timeout=600):
         if not (folder / "tokenizer.json").is_file():
@@ -164,7 +164,20 @@ def cached_tokenizer():
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
             tok.save_pretrained(str(tmp))
             os.rename(tmp, folder)
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return folder
+
+
+def cached_tokenizer():
+    """The built-in tokenizer, loaded from `cached_tokenizer_dir()`."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(cached_tokenizer_dir()))
+
+
+def tokenizer_size(folder: Path) -> int:
+    """len(tokenizer) of a saved fast tokenizer, read from its tokenizer.json."""
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    return len({*spec["model"]["vocab"].values(), *(t["id"] for t in spec["added_tokens"])})
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -321,6 +334,13 @@ def cache_root() -> Path:
 
 
 def tokenizer_digest(tokenizer) -> str:
+    """Of a loaded tokenizer, or of a saved one's folder (its tokenizer.json, without loading
+    transformers: the check a cached run makes)."""
+    if isinstance(tokenizer, (str, Path)):
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json"))
+        return hashlib.sha256(backend.to_str().encode()).hexdigest()
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
@@ -352,9 +372,10 @@ def _intact(bundle: Path) -> bool:
 def ensure_pretrained(
     tokenizer, recipe: dict[str, Any] | None = None, progress: Progress | None = None
 ) -> tuple[Path, bool]:
-    """(bundle dir, whether it came from the cache). The bundle holds model/ (config,
-    safetensors and the tokenizer) and pretrain.json; it is built once per key, under a file lock
-    (a second process waits and then loads it), in a temp dir renamed into place."""
+    """(bundle dir, whether it came from the cache). `tokenizer`: a loaded tokenizer or a
+    saved one's folder (loaded only if the bundle must be built). The bundle holds model/
+    (config, safetensors and the tokenizer) and pretrain.json; it is built once per key, under a
+    file lock (a second process waits and then loads it), in a temp dir renamed into place."""
     from filelock import FileLock
 
     from instructflow.artifacts import MANIFEST, digest_of, hash_tree
@@ -368,6 +389,10 @@ def ensure_pretrained(
             if _intact(bundle):
                 return bundle, True
             shutil.rmtree(bundle, ignore_errors=True)  # half-copied or edited: rebuild
+        if isinstance(tokenizer, (str, Path)):
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer))
         model, info = pretrain(tokenizer, recipe, progress)
         info["probe"] = probe(model, tokenizer)
         info["cache_key"] = key
