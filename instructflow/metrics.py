@@ -67,6 +67,24 @@ def text_metrics(hyps: list[str], refs: list[str]) -> tuple[dict[str, float], di
     return metrics, {"bleu": per_bleu, "rougeL": [s["rougeL"].fmeasure for s in rouge]}
 
 
+BLEU_MIN_WORDS = 4
+
+
+def bleu_signal_note(refs: list[str]) -> str | None:
+    """Why corpus BLEU means nothing on these references, or None. BLEU multiplies 1- to
+    4-gram precisions: when most references are shorter than 4 words it is 0 (or noise)
+    whatever the answers, e.g. the demo's one-word answers give 0.00 at exact match 0.91."""
+    import statistics
+
+    median = statistics.median(len(r.split()) for r in refs) if refs else 0
+    if median >= BLEU_MIN_WORDS:
+        return None
+    return (
+        f"no signal: the references' median length is {median:g} words "
+        f"(< {BLEU_MIN_WORDS}; corpus BLEU needs 4-grams)"
+    )
+
+
 def same_text(hyp: str, ref: str) -> bool:
     """Exact match: equal after collapsing whitespace runs, nothing else (case and punctuation
     count: an upper-case answer is not matched by copying the lower-case input)."""

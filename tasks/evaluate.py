@@ -19,7 +19,7 @@ from instructflow import plots, progress, suites, templates
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import local_files_digest, stage_task
 from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
-from instructflow.metrics import metric_key, per_group, text_metrics
+from instructflow.metrics import bleu_signal_note, metric_key, per_group, text_metrics
 from instructflow.rows import column, read_jsonl
 
 # Counts, not quality: they go to evaluate/figures.json, not to MLflow charts.
@@ -247,8 +247,10 @@ def evaluate(
         "effective_stop_strings": json.dumps(stops),
         "scored_tokens": n_tokens,
     }
+    bleu_note = bleu_signal_note(refs)
     report = {
         "metrics": metrics,
+        "bleu_note": bleu_note,
         "groups": {"by": cfg.group_by, "table": groups},
         "showcase": showcase(rows, cfg.group_by if groups else None, ft_out, base_out),
         "judge": {
@@ -289,9 +291,12 @@ def evaluate(
             if not verdicts.usable:
                 summary += " (judge untrusted, not used)"
         counts = {k: v for k, v in metrics.items() if k in BOOKKEEPING or k.endswith(".failures")}
+        if bleu_note:  # not charted as if it measured something: figures.json + a tag say why
+            counts.update({k: metrics[k] for k in ("bleu", "bleu_base") if k in metrics})
         return {
             "metrics": {k: v for k, v in metrics.items() if k not in counts},
             "figures": counts,
+            "tags": {"instructflow.bleu_note": bleu_note} if bleu_note else {},
             "params": params,
             "log_files": ["report.json", "scores.png"],
             "tables": tables,

@@ -186,6 +186,14 @@ def test_text_metrics_use_the_libraries():
     assert copied["exact_match"] == 0.5
 
 
+def test_bleu_is_flagged_when_references_are_too_short_for_4_grams():
+    from instructflow.metrics import bleu_signal_note
+
+    short = ["Khartoum", "New York", "the plural is mice", "one two three"]
+    assert bleu_signal_note(short).startswith("no signal: the references' median length is 2.5")
+    assert bleu_signal_note(["the cat sat on the mat", "a dog ran in the park today"]) is None
+
+
 def test_evaluate_stage_writes_the_contract_with_hf_judge(tiny):
     tok_ref, base, _, _ = tiny
     rows = canonical_rows(6)
@@ -198,6 +206,10 @@ def test_evaluate_stage_writes_the_contract_with_hf_judge(tiny):
         JudgeConfig(backend="hf", bootstrap_samples=50, max_examples=4),
     )
     report = json.loads(ref.file("report.json").read_text())
+    # One-word references: BLEU is kept in report.json and figures.json but not charted.
+    assert report["bleu_note"].startswith("no signal: the references' median length is 1 word")
+    assert ref.meta["tags"]["instructflow.bleu_note"] == report["bleu_note"]
+    assert "bleu" not in ref.meta["metrics"] and "bleu_base" in ref.figures
     m = report["metrics"]
     for key in (
         "perplexity",
