@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +12,21 @@ class RowsError(ValueError):
     """A JSONL file that cannot be read; the message names the file and line."""
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every non-blank line of a JSONL file as a dict."""
-    rows = []
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSONL file."""
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                yield n, json.loads(line)
             except ValueError:
                 raise RowsError(f"{path}:{n}: not valid JSON") from None
-    return rows
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every non-blank line of a JSONL file as a dict."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]], ascii_only: bool = False) -> None:

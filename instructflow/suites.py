@@ -16,13 +16,13 @@ question with single-answer grading (1-10), the earlier turns shown as a transcr
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from instructflow import judge, templates
+from instructflow import rows as rows_io
 
 MT_BENCH_TINY = Path(__file__).parent / "data" / "mt_bench_tiny.jsonl"
 
@@ -91,20 +91,17 @@ def load_questions(path: str | Path | None = None) -> list[dict[str, Any]]:
     """Rows of an MT-Bench question file (JSONL); default: the bundled 8-question suite."""
     path = Path(path) if path is not None else MT_BENCH_TINY
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise SuiteError(f"{path}:{n}: not valid JSON") from None
-            turns = row.get("turns") if isinstance(row, dict) else None
-            if not turns or not all(isinstance(t, str) for t in turns):
-                raise SuiteError(f"{path}:{n}: `turns` must be a non-empty list of strings")
-            if "question_id" not in row or "category" not in row:
-                raise SuiteError(f"{path}:{n}: needs `question_id` and `category`")
-            rows.append(row)
+    try:
+        numbered = list(rows_io.iter_jsonl(path))
+    except rows_io.RowsError as exc:
+        raise SuiteError(str(exc)) from None
+    for n, row in numbered:
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if not turns or not all(isinstance(t, str) for t in turns):
+            raise SuiteError(f"{path}:{n}: `turns` must be a non-empty list of strings")
+        if "question_id" not in row or "category" not in row:
+            raise SuiteError(f"{path}:{n}: needs `question_id` and `category`")
+        rows.append(row)
     return rows
 
 
