@@ -78,22 +78,46 @@ def _new_cache(model):
     return DynamicCache(config=model.config)
 
 
+def virtual_prefix(model) -> tuple[Any, tuple | None]:
+    """(model to decode with, prefix) for a prompt- or prefix-tuned PeftModel: its base model
+    and the KV of its virtual tokens as a prefix of 0 prompt tokens (see `_prefill`), which
+    every row then starts from, exactly as PEFT's forward puts them in front of the input.
+    Any other model comes back as it is, with None."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return model, None
+    base = model.get_base_model()
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        prompt = model.get_prompt(batch_size=1)
+        if isinstance(prompt, torch.Tensor):  # prompt tuning: virtual input embeddings
+            cache = _new_cache(base)
+            base(inputs_embeds=prompt.to(base.dtype), cache=cache, use_cache=True, logits_to_keep=1)
+        else:  # prefix tuning: the keys and values themselves
+            cache = prompt
+    model.train(was_training)
+    return base, (0, [(layer.keys, layer.values) for layer in cache.layers])
+
+
 def _prefill(model, prompts: list[list[int]], pad_id: int, prefix: tuple | None = None):
     """Left-padded prefill of new rows: (cache, attention mask, next positions, last logits).
 
-    `prefix` = (length, per-layer (keys, values)) of a token prefix every row starts with: its
-    KV is copied in and only the rest of each row is computed."""
+    `prefix` = (tokens, per-layer (keys, values)) of what every row starts with: the first
+    `tokens` prompt tokens (a shared header), after any virtual tokens (whose KV it also
+    holds); its KV is copied in and only the rest of each row is computed."""
     skip = prefix[0] if prefix else 0
+    kv_len = prefix[1][0][0].shape[2] if prefix else 0
     rests = [p[skip:] for p in prompts]
     n, width = len(rests), max(len(p) for p in rests)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, skip + width), dtype=torch.long)
-    attn[:, :skip] = 1
+    attn = torch.zeros((n, kv_len + width), dtype=torch.long)
+    attn[:, :kv_len] = 1
     for i, p in enumerate(rests):
         input_ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, skip + width - len(p) :] = 1
+        attn[i, kv_len + width - len(p) :] = 1
     input_ids, attn = input_ids.to(model.device), attn.to(model.device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, skip:]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, kv_len:]
     cache = _new_cache(model)
     if prefix:
         for layer_idx, (keys, values) in enumerate(prefix[1]):
@@ -109,12 +133,27 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, prefix: tuple | None 
     return cache, attn, pos[:, -1:] + 1, out.logits[:, -1, :]
 
 
-def _prefix_kv(model, tokens: list[int]) -> tuple | None:
-    """(length, per-layer (keys, values)) of one shared prompt prefix, or None when the model's
-    cache is not a plain growing KV cache (sliding windows, hybrid layers)."""
+def _prefix_kv(model, tokens: list[int], virtual: tuple | None = None) -> tuple | None:
+    """(length, per-layer (keys, values)) of one shared prompt prefix (after the `virtual`
+    prefix's tokens, if any), or None when the model's cache is not a plain growing KV cache
+    (sliding windows, hybrid layers)."""
     cache = _new_cache(model)
+    start = 0
+    if virtual:
+        for layer_idx, (keys, values) in enumerate(virtual[1]):
+            cache.update(keys, values, layer_idx)
+        start = virtual[1][0][0].shape[2]
     ids = torch.tensor([tokens], device=model.device)
-    model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    pos = torch.arange(start, start + len(tokens), device=model.device)[None]
+    attn = torch.ones((1, start + len(tokens)), dtype=torch.long, device=model.device)
+    model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=pos,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     if not _can_splice(cache):
         return None
     return len(tokens), [(layer.keys, layer.values) for layer in cache.layers]
@@ -218,6 +257,7 @@ def _decode(
     tail_hit: Callable[[list[list[int]]], list[bool]] | None,
     progress: Progress | None,
     prefix_keys: list[tuple[int, ...]],
+    virtual: tuple | None = None,
 ) -> dict[int, list[int]]:
     """Continuous batching over a KV cache: finished rows leave the batch at once and queued
     prompts are prefilled into the freed slots, so every decode step runs a full batch.
@@ -241,14 +281,15 @@ def _decode(
                 for key, rows_of_key in itertools.groupby(by_key, key=prefix_keys.__getitem__):
                     group = list(rows_of_key)
                     if key and key not in prefixes:
-                        prefixes[key] = _prefix_kv(model, list(key))
+                        prefixes[key] = _prefix_kv(model, list(key), virtual)
+                    prefix = prefixes.get(key) or virtual
                     # Small length-sorted chunks: a wide prefill pads every row to its longest.
                     for at in range(0, len(group), PREFILL_ROWS):
                         rows = [encoded[i] for i in group[at : at + PREFILL_ROWS]]
-                        parts.append(_prefill(model, rows, pad_id, prefixes.get(key)))
+                        parts.append(_prefill(model, rows, pad_id, prefix))
                         live += group[at : at + PREFILL_ROWS]
             else:
-                parts.append(_prefill(model, [encoded[i] for i in take], pad_id))
+                parts.append(_prefill(model, [encoded[i] for i in take], pad_id, virtual))
                 live += take
             state = _join(parts) if len(parts) > 1 else dict(zip(_STATE, parts[0], strict=True))
             outs.update({i: [] for i in take})
@@ -325,6 +366,8 @@ def generate(
             return [any(s in t for s in stops) for t in tails]
 
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    # Prompt/prefix tuning: their virtual tokens go first in every row, never dropped.
+    model, virtual = virtual_prefix(model)
     was_training = model.training
     model.eval()
     shared = shared_prefixes(encoded) if share_prefix else [0] * len(encoded)
@@ -348,6 +391,7 @@ def generate(
             tail_hit=tail_hit,
             progress=progress,
             prefix_keys=prefix_keys,
+            virtual=virtual,
         )
         decoded = tokenizer.batch_decode([outs[i] for i in order], skip_special_tokens=False)
         for i, text in zip(order, decoded, strict=True):
@@ -412,7 +456,8 @@ def perplexity(
                     1,
                 )
             logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device))
-            logits = logits.logits[:, :-1].float()
+            # Prompt tuning returns logits for its virtual tokens too: keep the input's own.
+            logits = logits.logits[:, -width:-1].float()
             target = labels[:, 1:].to(logits.device)
             nll += F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]),

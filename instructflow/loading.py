@@ -97,6 +97,18 @@ def load_plain(spec: str):
 
 
 # -- fine-tuned models ------------------------------------------------------------------------
+def attach_adapter(base, folder: Path):
+    """`base` with the saved adapter of `folder`: PEFT's own loader for PEFT methods (LoRA,
+    IA3, prompt/prefix tuning ...), instructflow.training.bottleneck for bottleneck adapters."""
+    from instructflow.training import bottleneck
+
+    if bottleneck.is_bottleneck(folder):
+        return bottleneck.load(base, folder)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(folder))
+
+
 def load_finetuned(train_ref: ArtifactRef, base_ref: ArtifactRef, **kwargs: Any):
     """(model, tokenizer) of a train artifact: its adapter on the fp32 base (PeftModel), or
     its full model. `kwargs` go to from_pretrained (e.g. device_map). Defaults: fp32, CPU."""
@@ -110,10 +122,7 @@ def load_finetuned(train_ref: ArtifactRef, base_ref: ArtifactRef, **kwargs: Any)
             str(train_ref.file("model")), use_safetensors=True, **kwargs
         )
     else:
-        from peft import PeftModel
-
-        base = load_base_model(base_ref, **kwargs)
-        model = PeftModel.from_pretrained(base, str(train_ref.file("adapter")))
+        model = attach_adapter(load_base_model(base_ref, **kwargs), train_ref.file("adapter"))
     model.config.use_cache = True
     model.eval()
     return model, tok
@@ -157,25 +166,17 @@ def _train_artifact(path: Path):
         if (path / full).is_dir():
             model = AutoModelForCausalLM.from_pretrained(str(path / full), use_safetensors=True)
             return model, tok, template
-    from peft import PeftModel
-
-    return (
-        PeftModel.from_pretrained(_base_for(info["base_model"]), str(path / "adapter")),
-        tok,
-        template,
-    )
+    return attach_adapter(_base_for(info["base_model"]), path / "adapter"), tok, template
 
 
 def _adapter_dir(path: Path):
-    from peft import PeftConfig, PeftModel
-
-    base_id = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    base_id = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_id:
         raise LoadError(f"{path}: adapter_config.json names no base model")
     base, tok, template = load_for_inference(base_id)
     if (path / "tokenizer_config.json").is_file():
         tok = load_tokenizer(path)
-    return PeftModel.from_pretrained(base, str(path)), tok, template
+    return attach_adapter(base, path), tok, template
 
 
 def _registered(uri: str):

@@ -40,7 +40,11 @@ def train(
     check_lengths(tokenized, base)
     method = methods.get(cfg.method.name)
     if cfg.merge and not method.mergeable:
-        raise TrainError(f"train.merge: method {method.name} has no adapter to merge")
+        why = "has no adapter to merge" if not method.saves_adapter else "cannot be merged"
+        raise TrainError(
+            f"train.merge: method {method.name} {why} (mergeable: "
+            f"{', '.join(m.name for m in methods.METHODS.values() if m.mergeable)})"
+        )
     key = work_key(tokenized, base, tokenizer, cfg)
     work = workspace.work_dir("train", key)
     spec = {
@@ -91,7 +95,7 @@ def work_key(tokenized, base, tokenizer, cfg: TrainConfig) -> str:
 
 
 def _meta(info: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
-    out_dir = "model" if methods.get(cfg.method.name).peft_config is None else "adapter"
+    out_dir = "adapter" if methods.get(cfg.method.name).saves_adapter else "model"
     m = info["metrics"]
     loss = m.get("best_eval_loss", m.get("final_loss", float("nan")))
     charts = {k: v for k, v in m.items() if k in CHART_METRICS}

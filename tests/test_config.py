@@ -65,7 +65,7 @@ def _error(path, overrides) -> str:
             "train:\n  method: {name: lora, alpah: 8}\n",
             "train.method.alpah: unknown key for method 'lora' (did you mean 'alpha'?)",
         ),
-        ("train:\n  method: qlroa\n", "'full' (did you mean 'qlora'?)"),
+        ("train:\n  method: qlroa\n", "'adapter' (did you mean 'qlora'?)"),
     ],
 )
 def test_an_unknown_name_gets_the_closest_valid_one(tmp_path, yaml_text, expected):

@@ -105,7 +105,7 @@ def test_prefix_sharing_and_chunked_prefill_give_the_same_outputs(tiny, monkeypa
     computed: list[int] = []
     prefix_kv = generation._prefix_kv
     monkeypatch.setattr(
-        generation, "_prefix_kv", lambda m, t: computed.append(len(t)) or prefix_kv(m, t)
+        generation, "_prefix_kv", lambda m, t, v=None: computed.append(len(t)) or prefix_kv(m, t, v)
     )
     assert generation.generate(model, tok, prompts, **kw) == plain
     assert computed and all(n >= 16 for n in computed)  # headers were computed once each

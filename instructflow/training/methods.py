@@ -1,8 +1,9 @@
 """Training methods as data: what each one needs and builds, in one table.
 
 Adding a method = its config class in instructflow.config (a member of `TrainMethod`), one
-`Method` entry here, and a test. The trainer, the evaluate stage's adapter folding, `merge`
-and the registry read these entries; none of them branches on a method's name.
+`Method` entry here, and a test. The trainer, the evaluate stage's adapter folding, `merge`,
+generation (virtual tokens) and the registry read these entries; none of them branches on a
+method's name.
 """
 
 from __future__ import annotations
@@ -11,15 +12,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from instructflow.config import DoraMethod, FullMethod, LoraMethod, QLoraMethod
+from instructflow.config import (
+    AdapterMethod,
+    DoraMethod,
+    FullMethod,
+    IA3Method,
+    LoraMethod,
+    PrefixTuningMethod,
+    PromptTuningMethod,
+    QLoraMethod,
+)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     config: type
-    # The PEFT config for a method config (None: every weight is trained).
-    peft_config: Callable[[Any], Any] | None
+    # The PEFT config for (method config, tokenizer dir); None: not a PEFT method.
+    peft_config: Callable[[Any, str], Any] | None
     # The frozen base is loaded in 4 bits (bitsandbytes nf4) and prepared for k-bit training.
     quantize_4bit: bool = False
     # The adapter can be merged into the base weights (`train.merge`, folding for generation).
@@ -30,9 +40,24 @@ class Method:
     peft_type: str | None = None
     # Extra packages needed to load the trained model (the registry's pip requirements).
     runtime_packages: tuple[str, ...] = ()
+    # Non-PEFT adapters: (base model, method config) -> the model to train, adapters attached.
+    attach: Callable[[Any, Any], Any] | None = None
+    # Virtual tokens in front of every input (prompt/prefix tuning): generation must put them
+    # in the decode path (instructflow.generation.virtual_prefix).
+    virtual_tokens: bool = False
+
+    @property
+    def saves_adapter(self) -> bool:
+        """Trains and saves a small adapter on a frozen base (else: the whole model)."""
+        return self.peft_config is not None or self.attach is not None
 
 
-def _lora(cfg: LoraMethod, dora: bool = False):
+def learning_rate(method_cfg: Any, default: float) -> float:
+    """The method's own rate where it has one (soft prompts, IA3), else train.learning_rate."""
+    return getattr(method_cfg, "learning_rate", None) or default
+
+
+def _lora(cfg: LoraMethod, _tokenizer: str, dora: bool = False):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -43,6 +68,45 @@ def _lora(cfg: LoraMethod, dora: bool = False):
         use_dora=dora,
         task_type="CAUSAL_LM",
     )
+
+
+def _prompt_tuning(cfg: PromptTuningMethod, tokenizer: str):
+    from peft import PromptTuningConfig
+
+    text = {"prompt_tuning_init_text": cfg.init_text, "tokenizer_name_or_path": tokenizer}
+    return PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prompt_tuning_init=cfg.init.upper(),
+        **(text if cfg.init == "text" else {}),
+    )
+
+
+def _prefix_tuning(cfg: PrefixTuningMethod, _tokenizer: str):
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prefix_projection=cfg.prefix_projection,
+        encoder_hidden_size=cfg.encoder_hidden_size,
+    )
+
+
+def _ia3(cfg: IA3Method, _tokenizer: str):
+    from peft import IA3Config
+
+    return IA3Config(
+        task_type="CAUSAL_LM",
+        target_modules=cfg.target_modules,
+        feedforward_modules=cfg.feedforward_modules,
+    )
+
+
+def _bottleneck(model, cfg: AdapterMethod):
+    from instructflow.training import bottleneck
+
+    return bottleneck.attach(model, cfg)
 
 
 METHODS: dict[str, Method] = {
@@ -58,8 +122,34 @@ METHODS: dict[str, Method] = {
             peft_type="LORA",
             runtime_packages=("bitsandbytes",),
         ),
-        Method("dora", DoraMethod, lambda c: _lora(c, dora=True), mergeable=True, peft_type="LORA"),
+        Method(
+            "dora",
+            DoraMethod,
+            lambda c, t: _lora(c, t, dora=True),
+            mergeable=True,
+            peft_type="LORA",
+        ),
         Method("full", FullMethod, None),
+        Method(
+            "prompt_tuning",
+            PromptTuningMethod,
+            _prompt_tuning,
+            packing=False,
+            peft_type="PROMPT_TUNING",
+            virtual_tokens=True,
+        ),
+        Method(
+            "prefix_tuning",
+            PrefixTuningMethod,
+            _prefix_tuning,
+            packing=False,
+            peft_type="PREFIX_TUNING",
+            virtual_tokens=True,
+        ),
+        Method("ia3", IA3Method, _ia3, mergeable=True, peft_type="IA3"),
+        # Bottleneck adapters are not a PEFT type, and AdapterHub's `adapters` (1.3) needs
+        # transformers 4.57: instructflow.training.bottleneck is a small module of our own.
+        Method("adapter", AdapterMethod, None, attach=_bottleneck),
     )
 }
 

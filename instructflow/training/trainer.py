@@ -145,11 +145,13 @@ def keep_4bit_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def wrap_method(model, cfg: TrainConfig):
-    """The model to train: the base wrapped by its method's PEFT config (none for full)."""
+def wrap_method(model, cfg: TrainConfig, tokenizer_dir: str = ""):
+    """The model to train: the base with its method's adapters (none for full)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     method = methods.get(cfg.method.name)
+    if method.attach is not None:
+        return method.attach(model, cfg.method)
     if method.peft_config is None:
         return model
     if method.quantize_4bit:
@@ -158,7 +160,7 @@ def wrap_method(model, cfg: TrainConfig):
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    return get_peft_model(model, method.peft_config(cfg.method))
+    return get_peft_model(model, method.peft_config(cfg.method, tokenizer_dir))
 
 
 def _training_args(cfg: TrainConfig, precision: str, work: Path, has_eval: bool, padded: bool):
@@ -183,7 +185,7 @@ def _training_args(cfg: TrainConfig, precision: str, work: Path, has_eval: bool,
         activation_checkpointing=cfg.gradient_checkpointing
         and not methods.get(cfg.method.name).quantize_4bit,
         activation_checkpointing_kwargs={"use_reentrant": False},
-        learning_rate=cfg.learning_rate,
+        learning_rate=methods.learning_rate(cfg.method, cfg.learning_rate),
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
         lr_scheduler_type=cfg.lr_scheduler,
@@ -220,7 +222,9 @@ def _choose_packing(model, cfg: TrainConfig, info: dict, vocab: int, precision: 
     """(packed?, attention implementation): packing only where the probe proves it clean."""
     atol = 1e-4 if precision == "fp32" else 5e-2
     original = model.config._attn_implementation
-    if not cfg.packing:
+    if not cfg.packing or not methods.get(cfg.method.name).packing:
+        # Virtual tokens (prompt/prefix tuning) would be shared by the examples of a packed
+        # row, one set for all: those methods train on padded batches.
         return False, original
     if not info.get("attn_implementation"):  # unless model.attn_implementation was chosen
         # Per-example attention inside the packed row (see packing.varlen_attention).
@@ -229,6 +233,46 @@ def _choose_packing(model, cfg: TrainConfig, info: dict, vocab: int, precision: 
             return True, packing.VARLEN
         model.set_attn_implementation(original)
     return packing.packs_correctly(model, vocab, atol=atol), original
+
+
+def _parameter_count(model) -> int:
+    """Parameters of the base as trained: a 4-bit weight packs two values per element."""
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+    return total
+
+
+class PeakMemory:
+    """Peak memory of the training run: CUDA peak allocated, or this process's peak RSS
+    (Linux: VmHWM, reset through /proc/self/clear_refs so earlier stages do not count)."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass  # not Linux, or not allowed: the peak covers the whole process
+
+    def peak(self) -> dict[str, int]:
+        import torch
+
+        if self.cuda:
+            return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated())}
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return {"peak_memory_bytes": int(line.split()[1]) * 1024}
+        except OSError:
+            pass
+        import resource
+
+        return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _trainer_class():
@@ -276,7 +320,9 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     info = loading.model_info(base)
     model = _load_model(base, cfg, precision, local_rank)
     packed, attention = _choose_packing(model, cfg, info, len(tok), precision)
-    model = wrap_method(model, cfg)
+    total_parameters = _parameter_count(model)
+    model = wrap_method(model, cfg, str(spec["tokenizer"]))
+    memory = PeakMemory()
     stats = packing.BatchStats()
     collator = packing.PackingCollator(stats) if packed else packing.PaddingCollator(tok, stats)
     args = _training_args(cfg, precision, work, eval_ds is not None, padded=not packed)
@@ -311,8 +357,11 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
             {"rank": rank, "world_size": world, "wrote_outputs": is_main, "examples": stats.seen}
         )
     )
+    peak_memory = memory.peak()
     unwrapped = trainer.model  # the Trainer keeps the DDP/FSDP wrapper separately
-    if methods.get(cfg.method.name).peft_config is None:
+    method = methods.get(cfg.method.name)
+    base_path = loading.hf_base_path(info)
+    if not method.saves_adapter:
         target, extra = out / "model", {}
         unwrapped.config.use_cache = True
         if attention == packing.VARLEN:  # registered in this process only
@@ -321,9 +370,14 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
         # adapter_config.json names a base PEFT can load (loading.hf_base_path); embeddings
         # are never resized, so PEFT need not look that name up while saving.
         target, extra = out / "adapter", {"save_embedding_layers": False}
-        base_path = loading.hf_base_path(info)
-        unwrapped.peft_config["default"].base_model_name_or_path = base_path
-    if cfg.fsdp or cfg.deepspeed:
+        if method.peft_config is not None:
+            unwrapped.peft_config["default"].base_model_name_or_path = base_path
+    if method.attach is not None:
+        if is_main:
+            from instructflow.training import bottleneck
+
+            bottleneck.save(unwrapped, target, base_path)
+    elif cfg.fsdp or cfg.deepspeed:
         trainer.save_model(str(target))  # sharded: every rank gathers, rank 0 writes
     elif is_main:
         unwrapped.save_pretrained(str(target), safe_serialization=True, **extra)
@@ -339,6 +393,10 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
         "train_runtime_s": result.metrics.get("train_runtime"),
         "final_loss": series["loss"][-1][1] if series.get("loss") else result.training_loss,
         "trainable_parameters": n_trainable,
+        "total_parameters": total_parameters,
+        "trainable_percent": 100.0 * n_trainable / max(1, total_parameters),
+        "saved_bytes": sum(f.stat().st_size for f in target.rglob("*") if f.is_file()),
+        **peak_memory,
         "world_size": world,
     }
     if series.get("eval_loss"):
@@ -366,10 +424,28 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     (out / "train.json").write_text(json.dumps(train_json, indent=1, default=str))
     if target.name == "adapter":
         # PEFT writes an empty template README; this one says what the adapter is.
-        (target / "README.md").write_text(adapter_card(train_json, base_path), encoding="utf-8")
+        card = adapter_card(train_json, base_path, peft=method.peft_config is not None)
+        (target / "README.md").write_text(card, encoding="utf-8")
 
 
-def adapter_card(info: dict[str, Any], base_path: str) -> str:
+LOAD_WITH_PEFT = [
+    "from peft import AutoPeftModelForCausalLM",
+    "from transformers import AutoTokenizer",
+    "",
+    'model = AutoPeftModelForCausalLM.from_pretrained("path/to/adapter")',
+    'tokenizer = AutoTokenizer.from_pretrained("path/to/tokenizer")  # beside adapter/',
+]
+LOAD_BOTTLENECK = [
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "from instructflow.training import bottleneck  # layout: see that module's docstring",
+    "",
+    'base = AutoModelForCausalLM.from_pretrained("<base_model_name_or_path>")',
+    'model = bottleneck.load(base, "path/to/adapter")',
+    'tokenizer = AutoTokenizer.from_pretrained("path/to/tokenizer")  # beside adapter/',
+]
+
+
+def adapter_card(info: dict[str, Any], base_path: str, peft: bool = True) -> str:
     """The adapter's model card: base, data, method, figures, and how to load it."""
     m = info["metrics"]
     method = info["config"]["method"]
@@ -382,7 +458,7 @@ def adapter_card(info: dict[str, Any], base_path: str) -> str:
     return "\n".join(
         [
             "---",
-            "library_name: peft",
+            f"library_name: {'peft' if peft else 'instructflow'}",
             f"base_model: {info['base_model'].get('name_or_path')}",
             "tags: [instructflow, " + info["method"] + "]",
             "---",
@@ -404,11 +480,7 @@ def adapter_card(info: dict[str, Any], base_path: str) -> str:
             "## How to load",
             "",
             "```python",
-            "from peft import AutoPeftModelForCausalLM",
-            "from transformers import AutoTokenizer",
-            "",
-            'model = AutoPeftModelForCausalLM.from_pretrained("path/to/adapter")',
-            'tokenizer = AutoTokenizer.from_pretrained("path/to/tokenizer")  # beside adapter/',
+            *(LOAD_WITH_PEFT if peft else LOAD_BOTTLENECK),
             "```",
             "",
             "Or `instructflow serve --model <train artifact dir>`, which renders prompts with the "
