@@ -139,16 +139,45 @@ class RunView:
             self.live = None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def use_workspace_prefect_server(console) -> bool:
+    """Point this process (and its children) at the workspace's Prefect server, started once;
+    False (after one error line) when it cannot start."""
+    if os.environ.get("PREFECT_API_URL") or os.environ.get("INSTRUCTFLOW_PREFECT_SERVER") == "0":
+        # INSTRUCTFLOW_PREFECT_SERVER=0: Prefect's per-process ephemeral API instead.
+        return True
+    # Before prefect is imported: it reads the API URL from the environment.
+    from instructflow import prefect_server
 
-    from instructflow.config import ConfigError, load_config
+    if prefect_server.running_url() is None:
+        console.print("starting the workspace's Prefect server (once; later runs reuse it)")
+    try:
+        os.environ["PREFECT_API_URL"] = prefect_server.ensure()
+        # The workspace server speaks plain http on 127.0.0.1, so no certificate is ever
+        # checked; skipping the CA bundle load saves ~0.2 s per Prefect client created.
+        os.environ.setdefault("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "true")
+    except prefect_server.ServerError as exc:
+        from instructflow import errors
+
+        print(f"error: {errors.check_stores() or exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def make_console():
+    from rich.console import Console
 
     console = Console(stderr=False)
     if not console.is_terminal:
         # A log file or pipe: no wrapping at a guessed 80 columns (tables get room, lines stay
         # whole, so a grep finds them).
         console = Console(stderr=False, soft_wrap=True, width=200)
+    return console
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from instructflow.config import ConfigError, load_config
+
+    console = make_console()
     config_path = resolve_config(args.config)
     from instructflow.sources import SourceError, source_kind
 
@@ -162,26 +191,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.stages import STAGES
     from instructflow import progress
 
-    if (
-        not os.environ.get("PREFECT_API_URL")
-        and os.environ.get("INSTRUCTFLOW_PREFECT_SERVER") != "0"
-    ):
-        # Before prefect is imported: it reads the API URL from the environment.
-        # (INSTRUCTFLOW_PREFECT_SERVER=0: Prefect's per-process ephemeral API instead.)
-        from instructflow import prefect_server
-
-        if prefect_server.running_url() is None:
-            console.print("starting the workspace's Prefect server (once; later runs reuse it)")
-        try:
-            os.environ["PREFECT_API_URL"] = prefect_server.ensure()
-            # The workspace server speaks plain http on 127.0.0.1, so no certificate is ever
-            # checked; skipping the CA bundle load saves ~0.2 s per Prefect client created.
-            os.environ.setdefault("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "true")
-        except prefect_server.ServerError as exc:
-            from instructflow import errors
-
-            print(f"error: {errors.check_stores() or exc}", file=sys.stderr)
-            return 1
+    if not use_workspace_prefect_server(console):
+        return 1
 
     view = RunView(console, live=console.is_terminal and not args.plain)
     progress.subscribe(view)

@@ -223,7 +223,14 @@ class ModelConfig(Section):
 
 # -- training methods: one class per method (a tagged union on `name`); what each one does is
 # its entry in instructflow.training.methods.
-class LoraMethod(Section):
+class MethodBase(Section):
+    # A method's own learning rate wins over train.learning_rate (null: use that). Prompt-like
+    # methods train a few thousand numbers and want rates ~10-100x LoRA's; full fine-tuning
+    # wants a much lower one: a sweep compares each at a rate that suits it.
+    learning_rate: Float | None = Field(default=None, gt=0, le=10)
+
+
+class LoraMethod(MethodBase):
     """LoRA: low-rank adapters on the chosen linear layers, the base frozen."""
 
     name: Literal["lora"] = "lora"
@@ -261,19 +268,13 @@ class DoraMethod(LoraMethod):
     name: Literal["dora"] = "dora"
 
 
-class FullMethod(Section):
+class FullMethod(MethodBase):
     """Every weight trained."""
 
     name: Literal["full"] = "full"
 
 
-class _OwnRate(Section):
-    # Prompt-like methods train a few thousand numbers and want rates ~10-100x LoRA's; a
-    # method's own rate wins over train.learning_rate (null: use train.learning_rate).
-    learning_rate: Float | None = Field(default=None, gt=0, le=10)
-
-
-class PromptTuningMethod(_OwnRate):
+class PromptTuningMethod(MethodBase):
     """Prompt tuning: trainable virtual-token embeddings before the input (soft prompt)."""
 
     name: Literal["prompt_tuning"] = "prompt_tuning"
@@ -284,7 +285,7 @@ class PromptTuningMethod(_OwnRate):
     learning_rate: Float | None = Field(default=3e-2, gt=0, le=10)
 
 
-class PrefixTuningMethod(_OwnRate):
+class PrefixTuningMethod(MethodBase):
     """Prefix tuning / P-tuning v2: trainable keys and values before every layer's attention."""
 
     name: Literal["prefix_tuning"] = "prefix_tuning"
@@ -296,7 +297,7 @@ class PrefixTuningMethod(_OwnRate):
     learning_rate: Float | None = Field(default=3e-2, gt=0, le=10)
 
 
-class IA3Method(_OwnRate):
+class IA3Method(MethodBase):
     """IA3: learnt per-channel scales of keys, values and the feed-forward activations."""
 
     name: Literal["ia3"] = "ia3"
@@ -307,7 +308,7 @@ class IA3Method(_OwnRate):
     learning_rate: Float | None = Field(default=2e-2, gt=0, le=10)
 
 
-class AdapterMethod(_OwnRate):
+class AdapterMethod(MethodBase):
     """Bottleneck adapters (Houlsby): down-projection, non-linearity, up-projection and a
     residual, after each layer's attention and feed-forward blocks."""
 
@@ -464,6 +465,21 @@ class TrackingConfig(Section):
     min_free_disk_mb: Int = Field(default=500, ge=0, le=1_000_000_000)
 
 
+class SweepConfig(Section):
+    """`instructflow sweep`: the methods to compare, each a name or {name, <its knobs>}.
+    Empty: every method, with its knobs from train.method when the names match, else its
+    defaults."""
+
+    methods: list[TrainMethod] = []
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
 class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
@@ -476,6 +492,7 @@ class PipelineConfig(Section):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

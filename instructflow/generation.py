@@ -87,6 +87,8 @@ def virtual_prefix(model) -> tuple[Any, tuple | None]:
     if config is None or not getattr(config, "is_prompt_learning", False):
         return model, None
     base = model.get_base_model()
+    if getattr(model, "_adapters_disabled", False):  # inside `with model.disable_adapter()`
+        return base, None
     was_training = model.training
     model.eval()
     with torch.inference_mode():

@@ -6,6 +6,7 @@ stage call goes through. `flows/run.py` starts the flow.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from instructflow.config import PipelineConfig
 
 # Its code changes no stage's output (instructflow.codeid does not follow it).
 OUTPUT_NEUTRAL = True
+# Set by `instructflow sweep` for its child processes: the MLflow run they nest under.
+SWEEP_PARENT_ENV = "INSTRUCTFLOW_SWEEP_PARENT_RUN"
 
 
 class StageFailed(RuntimeError):
@@ -84,10 +87,15 @@ class PipelineRun:
                 "warning",
                 message=f"closed {len(closed)} earlier run(s) left running by a killed process",
             )
+        # `instructflow sweep` runs one pipeline per method as child runs of its own run.
+        parent = os.environ.get(SWEEP_PARENT_ENV)
         run = mlflow.start_run(
             experiment_id=exp_id,
-            run_name=tracking.run_name(self.config_path),
+            run_name=self.cfg.train.method.name if parent else tracking.run_name(self.config_path),
             log_system_metrics=self.cfg.tracking.log_system_metrics,
+            tags={"mlflow.parentRunId": parent, "instructflow.sweep_parent": parent}
+            if parent
+            else None,
         )
         self.mlflow_run_id = run.info.run_id
         runs.record_start(self.mlflow_run_id, self.flow_run_id, mlflow.get_tracking_uri())

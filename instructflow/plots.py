@@ -76,3 +76,29 @@ def score_histograms(columns: dict[str, list[Any]], path: Path) -> None:
         ax.set_title(title)
         ax.legend()
     _save(fig, path, 90)
+
+
+def method_tradeoff(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Quality against the share of trained parameters, one point per method (the sweep)."""
+    fig = _figure(6.5, 4)
+    ax = fig.add_subplot()
+    for metric, marker in (("exact_match", "o"), ("rougeL", "^")):
+        points = [
+            (r["trainable_percent"], r[metric], r["method"])
+            for r in rows
+            if r.get("trainable_percent") and r.get(metric) is not None
+        ]
+        if not points:
+            continue
+        xs, ys, names = zip(*points, strict=True)
+        ax.scatter(xs, ys, marker=marker, label=metric)
+        for x, y, name in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the model, log scale)")
+    ax.set_ylabel("test score")
+    ax.set_ylim(-0.02, 1.02)
+    if ax.collections:
+        ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    _save(fig, path, 100)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -138,6 +139,7 @@ def evaluate(
             max_length=tokenize_cfg.max_length,
         )
         tick(f"perplexity {label}")(len(rows), len(rows))
+        started = time.perf_counter()
         outs = generation.generate(
             m,
             tok,
@@ -152,10 +154,15 @@ def evaluate(
             add_special_tokens=templates.add_special_tokens(template),
             max_prompt_tokens=tokenize_cfg.max_length,
             progress=tick(f"generating {label}"),
+            details=True,
         )
-        return ppl, n_tok, outs
+        seconds = time.perf_counter() - started
+        made = sum(o["completion_tokens"] for o in outs)
+        speed[label] = made / seconds if seconds > 0 else float("nan")
+        return ppl, n_tok, [o["text"] for o in outs]
 
     torch.manual_seed(cfg.seed)
+    speed: dict[str, float] = {}  # generated tokens/s per model (the serving speed)
     base_out: list[str] | None = None
     metrics: dict[str, float] = {"test_examples": len(rows)}
     # The MT-Bench-style suite is graded by the judge (calibrated below with the rest).
@@ -193,6 +200,9 @@ def evaluate(
 
     auto, per = text_metrics(ft_out, refs)
     metrics.update(auto)
+    metrics["generation_tokens_per_s"] = speed["fine-tuned"]
+    if "base" in speed:
+        metrics["generation_tokens_per_s_base"] = speed["base"]
     columns: dict[str, list[Any]] = {
         "id": [r.get("id") for r in rows],
         # For a conversation: the last user turn, and the earlier turns as a transcript.

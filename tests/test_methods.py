@@ -168,6 +168,10 @@ def test_method_trains_reloads_and_runs_through_every_stage(method, inputs, caps
     prompts = [alpaca_prompt(q, tok) for q in questions]
     batched = generation.generate(model, tok, prompts, max_new_tokens=10, batch_size=2)
     assert batched == [greedy_by_full_forward(model, tok, p, 10) for p in prompts]
+    if hasattr(model, "disable_adapter"):  # evaluate's base pass: the adapter really off
+        with model.disable_adapter():
+            off = generation.generate(model, tok, prompts, max_new_tokens=10, batch_size=2)
+        assert off == generation.generate(plain, tok, prompts, max_new_tokens=10, batch_size=2)
 
     # evaluate: figures on the fine-tuned model, which differ from the base's.
     splits, test_tok = make_inputs(canonical_rows(6), tok_ref, max_length=64)
