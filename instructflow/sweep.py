@@ -48,8 +48,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 def method_overrides(cfg: PipelineConfig, names: list[str]) -> list[dict[str, Any]]:
     """The train.method value per name: its knobs from sweep.methods, else from train.method
-    when that is the same method, else the method's defaults."""
-    chosen = {m.name: m for m in cfg.sweep.methods}
+    when that is the same method, else the method's defaults. (A bare name in sweep.methods
+    sets no knobs: it means the method as train.method configures it, if it does.)"""
+    chosen = {m.name: m for m in cfg.sweep.methods if m.model_fields_set - {"name"}}
     out = []
     for name in names:
         methods.get(name)  # an unknown name fails before anything runs

@@ -1,7 +1,7 @@
-"""Every PEFT method of the lecture beyond LoRA (prompt tuning, prefix tuning, IA3, bottleneck
-adapters) on the pre-trained built-in model: it trains and its loss falls, the saved adapter
-reloads with its own library's loader to identical logits, generation keeps its virtual
-tokens, checkpoints resume, and evaluate, register, serve and `generate` all run on it."""
+"""Every training method of the lecture (full, LoRA, QLoRA, DoRA, IA3, bottleneck adapters,
+prompt tuning, prefix tuning) on the pre-trained built-in model: it trains and its loss falls,
+the saved model reloads with its own library's loader to identical logits, generation keeps
+virtual tokens, checkpoints resume, and evaluate, register, serve and `generate` all run."""
 
 from __future__ import annotations
 
@@ -30,7 +30,14 @@ from instructflow.training.fixtures import write_tokenized
 from tasks.base_model import prepare_base_model, prepare_tokenizer
 from tasks.train import TrainError, train
 
-NEW_METHODS = ["prompt_tuning", "prefix_tuning", "ia3", "adapter"]
+ALL_METHODS = list(methods.METHODS)
+# Knobs for a 16-step test: a low rank, and a rate full fine-tuning does not diverge at.
+TEST_KNOBS = {
+    "lora": {"r": 4, "alpha": 8},
+    "qlora": {"r": 4, "alpha": 8},
+    "dora": {"r": 4, "alpha": 8},
+    "full": {"learning_rate": 3e-4},
+}
 QUESTION = "What is the capital of Japan?"
 
 
@@ -48,7 +55,7 @@ def inputs(home):
 
 def _cfg(method: str, **kw) -> TrainConfig:
     base = dict(
-        method={"name": method},
+        method={"name": method, **TEST_KNOBS.get(method, {})},
         max_steps=16,
         per_device_batch_size=4,
         logging_steps=1,
@@ -80,11 +87,14 @@ def greedy_by_full_forward(model, tok, prompt: str, n: int) -> str:
     return generation.cut_at_stop(tok.decode(out), [tok.eos_token])
 
 
-def library_loader(adapter_dir: Path):
-    """The adapter as its own library loads it, with nothing but the folder."""
-    if bottleneck.is_bottleneck(adapter_dir):
-        from transformers import AutoModelForCausalLM
+def library_loader(out: Path):
+    """The trained model as its own library loads it, from the artifact's folder alone."""
+    from transformers import AutoModelForCausalLM
 
+    if (out / "model").is_dir():  # full fine-tuning: a plain transformers model
+        return AutoModelForCausalLM.from_pretrained(str(out / "model"))
+    adapter_dir = out / "adapter"
+    if bottleneck.is_bottleneck(adapter_dir):
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
         base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
         return bottleneck.load(base, adapter_dir)
@@ -124,7 +134,7 @@ def _serve_once(model_spec: str, question: str) -> str:
         thread.join(timeout=10)
 
 
-@pytest.mark.parametrize("method", NEW_METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_method_trains_reloads_and_runs_through_every_stage(method, inputs, capsys):
     from tasks.evaluate import evaluate
     from tasks.register import register
@@ -138,21 +148,25 @@ def test_method_trains_reloads_and_runs_through_every_stage(method, inputs, caps
     assert len(curve) == 16
     assert sum(curve[-4:]) < sum(curve[:4]), curve  # it learns
     m = info["metrics"]
-    assert 0 < m["trainable_parameters"] < 0.2 * m["total_parameters"]
+    if entry.saves_adapter:
+        assert 0 < m["trainable_parameters"] < 0.2 * m["total_parameters"]
+    else:
+        assert m["trainable_parameters"] == m["total_parameters"]
     assert m["trainable_percent"] == pytest.approx(
         100 * m["trainable_parameters"] / m["total_parameters"]
     )
     assert m["saved_bytes"] > 0 and m["peak_memory_bytes"] > 0
     # Virtual tokens would be shared by every example of a packed row: padded batches instead.
     assert info["packing"] == ("padded" if entry.virtual_tokens else "flattened")
-    card = ref.file("adapter/README.md").read_text()
-    assert f"# {method} adapter" in card
-    assert ("bottleneck.load" in card) == (method == "adapter")
+    if entry.saves_adapter:
+        card = ref.file("adapter/README.md").read_text()
+        assert f"# {method} adapter" in card
+        assert ("bottleneck.load" in card) == (entry.attach is not None)
 
     # Its own library's loader, from the folder alone, gives the logits our loader gives,
     # and they are not the base's: the adapter is in the forward pass.
     model, tok = loading.load_finetuned(ref, base)
-    own = library_loader(ref.file("adapter")).eval()
+    own = library_loader(Path(ref.path)).eval()
     plain = loading.load_base_model(base).eval()
     ids = tok(alpaca_prompt(QUESTION, tok), return_tensors="pt").input_ids
     with torch.no_grad():

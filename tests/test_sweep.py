@@ -22,13 +22,13 @@ def test_method_knobs_come_from_sweep_then_train_then_defaults(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(
         "train:\n  method: {name: lora, r: 4}\n"
-        "sweep:\n  methods: [{name: ia3, learning_rate: 0.05}, prompt_tuning]\n"
+        "sweep:\n  methods: [{name: ia3, learning_rate: 0.05}, prompt_tuning, lora]\n"
     )
     cfg = load_config(str(cfg_file), [])
-    assert sweep.default_names(cfg) == ["ia3", "prompt_tuning"]
+    assert sweep.default_names(cfg) == ["ia3", "prompt_tuning", "lora"]
     ia3, lora, full = sweep.method_overrides(cfg, ["ia3", "lora", "full"])
     assert ia3["learning_rate"] == 0.05
-    assert lora["r"] == 4  # the config's own train.method
+    assert lora["r"] == 4  # a bare name: the method as train.method configures it
     assert full == {"name": "full", "learning_rate": None}
     with pytest.raises(ValueError, match="unknown training method 'lorra'"):
         sweep.method_overrides(cfg, ["lorra"])
