@@ -103,6 +103,10 @@ def library_loader(out: Path):
     return AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir))
 
 
+def plain_base(base):
+    return loading.load_base_model(base)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,6 +154,8 @@ def test_method_trains_reloads_and_runs_through_every_stage(method, inputs, caps
     m = info["metrics"]
     if entry.saves_adapter:
         assert 0 < m["trainable_parameters"] < 0.2 * m["total_parameters"]
+        # The base's own count, whether its weights are stored in 4 bits or not.
+        assert m["total_parameters"] == sum(p.numel() for p in plain_base(base).parameters())
     else:
         assert m["trainable_parameters"] == m["total_parameters"]
     assert m["trainable_percent"] == pytest.approx(

@@ -236,10 +236,14 @@ def _choose_packing(model, cfg: TrainConfig, info: dict, vocab: int, precision: 
 
 
 def _parameter_count(model) -> int:
-    """Parameters of the base as trained: a 4-bit weight packs two values per element."""
+    """Parameters of the base: a 4-bit weight packs several values per stored element (2 per
+    uint8, 8 per fp32 storage), so its count comes from the shape it was quantized from."""
+    import math
+
     total = 0
     for p in model.parameters():
-        total += p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        state = getattr(p, "quant_state", None)
+        total += math.prod(state.shape) if state is not None else p.numel()
     return total
 
 
