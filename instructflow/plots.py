@@ -4,6 +4,7 @@ changes what a user's own matplotlib session does."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,17 @@ def method_tradeoff(rows: Sequence[dict[str, Any]], path: Path) -> None:
             continue
         xs, ys, names = zip(*points, strict=True)
         ax.scatter(xs, ys, marker=marker, label=metric)
-        for x, y, name in points:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if metric != "exact_match":
+            continue
+        # One label per method; a label near an earlier one (LoRA and QLoRA share x) goes
+        # a line lower.
+        placed: list[tuple[float, float]] = []
+        for x, y, name in sorted(points, key=lambda p: -p[1]):
+            near = sum(abs(math.log10(x / px)) < 0.2 and abs(y - py) < 0.1 for px, py in placed)
+            placed.append((x, y))
+            ax.annotate(
+                name, (x, y), textcoords="offset points", xytext=(6, -3 - 9 * near), fontsize=7
+            )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
     ax.set_ylabel("test score")
