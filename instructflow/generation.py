@@ -478,25 +478,15 @@ def perplexity(
 def next_token_logprobs(
     model, tokenizer, prompts: Sequence[str], candidates: Sequence[int], batch_size: int = 16
 ) -> torch.Tensor:
-    """[n_prompts, n_candidates] log-probabilities of the next token (left-padded batches)."""
+    """[n_prompts, n_candidates] log-probabilities of the next token (left-padded batches;
+    a prompt/prefix-tuned model's virtual tokens in front, as in `generate`)."""
     encoded = _encode(tokenizer, prompts, True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     cand = torch.tensor(list(candidates), dtype=torch.long)
+    model, virtual = virtual_prefix(model)
     rows: list[torch.Tensor] = []
     model.eval()
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :], attn[i, width - len(p) :] = torch.tensor(p), 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(
-            input_ids=ids.to(model.device),
-            attention_mask=attn.to(model.device),
-            position_ids=pos.to(model.device),
-            logits_to_keep=1,
-        )
-        rows.append(out.logits[:, -1, :].float().log_softmax(-1)[:, cand.to(model.device)].cpu())
+        *_, logits = _prefill(model, encoded[start : start + batch_size], pad_id, virtual)
+        rows.append(logits.float().log_softmax(-1)[:, cand.to(model.device)].cpu())
     return torch.cat(rows) if rows else torch.empty((0, len(cand)))

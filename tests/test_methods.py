@@ -121,9 +121,10 @@ def _serve_once(model_spec: str, question: str) -> str:
 
     chat = server.load_chat_model(model_spec, max_tokens=8)
     port = _free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(server.create_app(chat), host="127.0.0.1", port=port, log_level="error")
-    )
+    # log_config=None: uvicorn's dictConfig would shut down every logging handler of the
+    # process, pytest's capture handlers included (pytest then loses sys.stderr).
+    config = uvicorn.Config(server.create_app(chat), host="127.0.0.1", port=port, log_config=None)
+    srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     try:
@@ -188,6 +189,12 @@ def test_method_trains_reloads_and_runs_through_every_stage(method, inputs, caps
     prompts = [alpaca_prompt(q, tok) for q in questions]
     batched = generation.generate(model, tok, prompts, max_new_tokens=10, batch_size=2)
     assert batched == [greedy_by_full_forward(model, tok, p, 10) for p in prompts]
+    # The hf judge's next-token log-probabilities see the same model (virtual tokens too).
+    logprobs = generation.next_token_logprobs(model, tok, prompts, [5, 6, 7])
+    for row, p in zip(logprobs, prompts, strict=True):
+        with torch.no_grad():
+            last = model(input_ids=torch.tensor([tok(p)["input_ids"]])).logits[0, -1]
+        assert torch.allclose(row, last.float().log_softmax(-1)[[5, 6, 7]], atol=1e-4)
     if hasattr(model, "disable_adapter"):  # evaluate's base pass: the adapter really off
         with model.disable_adapter():
             off = generation.generate(model, tok, prompts, max_new_tokens=10, batch_size=2)
