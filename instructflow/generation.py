@@ -72,10 +72,14 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gen
     return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)
 
 
-def _new_cache(model):
+def _new_cache(model, kv: list | None = None, rows: int = 1):
+    """An empty KV cache, or one holding `kv` (per-layer (keys, values)) for `rows` rows."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)
+    for layer_idx, (keys, values) in enumerate(kv or []):
+        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer_idx)
+    return cache
 
 
 def virtual_prefix(model) -> tuple[Any, tuple | None]:
@@ -120,10 +124,7 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, prefix: tuple | None 
         attn[i, kv_len + width - len(p) :] = 1
     input_ids, attn = input_ids.to(model.device), attn.to(model.device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, kv_len:]
-    cache = _new_cache(model)
-    if prefix:
-        for layer_idx, (keys, values) in enumerate(prefix[1]):
-            cache.update(keys.expand(n, -1, -1, -1), values.expand(n, -1, -1, -1), layer_idx)
+    cache = _new_cache(model, prefix[1] if prefix else None, rows=n)
     out = model(
         input_ids=input_ids,
         attention_mask=attn,
@@ -139,12 +140,8 @@ def _prefix_kv(model, tokens: list[int], virtual: tuple | None = None) -> tuple 
     """(length, per-layer (keys, values)) of one shared prompt prefix (after the `virtual`
     prefix's tokens, if any), or None when the model's cache is not a plain growing KV cache
     (sliding windows, hybrid layers)."""
-    cache = _new_cache(model)
-    start = 0
-    if virtual:
-        for layer_idx, (keys, values) in enumerate(virtual[1]):
-            cache.update(keys, values, layer_idx)
-        start = virtual[1][0][0].shape[2]
+    cache = _new_cache(model, virtual[1] if virtual else None)
+    start = virtual[1][0][0].shape[2] if virtual else 0
     ids = torch.tensor([tokens], device=model.device)
     pos = torch.arange(start, start + len(tokens), device=model.device)[None]
     attn = torch.ones((1, start + len(tokens)), dtype=torch.long, device=model.device)

@@ -453,7 +453,8 @@ def adapter_card(info: dict[str, Any], base_path: str, peft: bool = True) -> str
     """The adapter's model card: base, data, method, figures, and how to load it."""
     m = info["metrics"]
     method = info["config"]["method"]
-    knobs = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
+    # A null knob (e.g. learning_rate: use train's) says nothing about the adapter.
+    knobs = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name" and v is not None)
     figures = [
         f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
         for k, v in sorted(m.items())
