@@ -1,22 +1,28 @@
-"""The fine-tuning DAG. Wiring only: each stage lives in tasks/<stage>.py.
+r"""The fine-tuning DAG. Wiring only: each stage lives in tasks/<stage>.py.
 
 download -> validate -> augment -> split -> tokenize -> train -> evaluate -> register
                                tokenizer (helper) --^  base model (helper) --^--------^
+With distill.enabled, after evaluate (student base: a helper):
+    teacher_logits -> distill (student) --------> distill_report -> register_student
+                  \-> distill_baseline (alpha 0) --^
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows.stages import STAGES
+from flows.stages import stages_for
 from instructflow.config import load_config
 from instructflow.pipeline import PipelineRun
 from tasks.augment import augment_task
-from tasks.base_model import base_model_task, tokenizer_task
+from tasks.base_model import base_model_task, student_base_task, tokenizer_task
+from tasks.distill import distill_task
+from tasks.distill_report import distill_report_task
 from tasks.download import download_task
 from tasks.evaluate import evaluate_task
 from tasks.register import register_task
 from tasks.split import split_task
+from tasks.teacher_logits import teacher_logits_task
 from tasks.tokenize import tokenize_task
 from tasks.train import train_task
 from tasks.validate import validate_task
@@ -29,7 +35,8 @@ def finetune(
     until: str | None = None,
 ) -> dict:
     cfg = load_config(config_path, overrides)
-    with PipelineRun(cfg, config_path, until, STAGES) as run:
+    kd = cfg.distill
+    with PipelineRun(cfg, config_path, until, stages_for(kd.enabled)) as run:
         raw = run.stage(download_task, cfg.data)
         clean = run.stage(validate_task, raw, cfg.validate_)
         augmented = run.stage(augment_task, clean, cfg.augment)
@@ -41,5 +48,30 @@ def finetune(
         report = run.stage(
             evaluate_task, splits, tokenized, model, base, cfg.tokenize, cfg.evaluate, cfg.judge
         )
+        if kd.enabled:
+            # A teacher named in the config does not depend on this run's model.
+            own = (model, base) if kd.teacher.model is None else (None, None)
+            student_base = run.helper(student_base_task, kd.student, tokenizer)
+            logits = run.stage(teacher_logits_task, tokenized, *own, tokenizer, kd.teacher)
+            student = run.stage(
+                distill_task, tokenized, logits, student_base, tokenizer, kd.train, kd.alpha,
+                kd.temperature,
+            )  # fmt: skip
+            baseline = None
+            if kd.baseline:
+                baseline = run.stage(
+                    distill_task, tokenized, None, student_base, tokenizer, kd.train, 0.0, None,
+                    name="distill_baseline",
+                )  # fmt: skip
+            compression = run.stage(
+                distill_report_task, splits, tokenized, student, baseline, student_base, *own,
+                kd.teacher, cfg.tokenize, cfg.evaluate,
+            )  # fmt: skip
         run.stage(register_task, model, report, base, cfg.register_)
+        if kd.enabled:
+            student_register = kd.register_config(cfg.register_)
+            run.stage(
+                register_task, student, compression, student_base, student_register,
+                "register_student", name="register_student",
+            )  # fmt: skip
     return run.summary()

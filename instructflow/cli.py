@@ -25,12 +25,12 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def display_rows() -> list[str]:
+def display_rows(distill: bool = False) -> list[str]:
     """The stages in DAG order, with the shown helpers (the base model) where they run."""
-    from flows.stages import SHOWN_HELPERS, STAGES
+    from flows.stages import SHOWN_HELPERS, stages_for
 
     rows: list[str] = []
-    for stage in STAGES:
+    for stage in stages_for(distill):
         rows.append(stage)
         rows.extend(h for h, after in SHOWN_HELPERS.items() if after == stage)
     return rows
@@ -39,10 +39,11 @@ def display_rows() -> list[str]:
 class RunView:
     """Live progress of a pipeline run: one row per stage, then a final table."""
 
-    def __init__(self, console, live: bool):
+    def __init__(self, console, live: bool, rows: list[str] | None = None):
         self.console = console
         self.live_enabled = live
-        self.rows: dict[str, dict[str, Any]] = {s: {"state": "Pending"} for s in display_rows()}
+        names = rows or display_rows()
+        self.rows: dict[str, dict[str, Any]] = {s: {"state": "Pending"} for s in names}
         self.ids: dict[str, Any] = {}
         self.started: dict[str, float] = {}
         self.step: dict[str, str] = {}
@@ -188,13 +189,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from flows.stages import STAGES
+    from flows.stages import ALL_STAGES
     from instructflow import progress
 
     if not use_workspace_prefect_server(console):
         return 1
 
-    view = RunView(console, live=console.is_terminal and not args.plain)
+    rows = display_rows(cfg.distill.enabled)
+    view = RunView(console, live=console.is_terminal and not args.plain, rows=rows)
     progress.subscribe(view)
     error: str | None = None
     code = 1
@@ -221,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.unsubscribe(view)
 
     stages, helpers = {}, {}
-    for name in display_rows():
+    for name in rows:
         row = view.rows.get(name, {})
         state = row.get("state", "Pending")
         if state in ("Pending", "Running"):
@@ -229,7 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if state == "Failed" and code == 130:
             state = "Interrupted"
         view.rows[name]["state"] = state
-        (stages if name in STAGES else helpers)[name] = {
+        (stages if name in ALL_STAGES else helpers)[name] = {
             "state": state,
             "seconds": row.get("seconds", 0.0),
             "artifact_digest": row.get("artifact_digest"),
@@ -249,6 +251,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from instructflow import report
 
         report.print_evaluation(console, evaluation["artifact_digest"])
+    compression = stages.get("distill_report", {})
+    if compression.get("state") in ("Completed", "Cached") and compression["artifact_digest"]:
+        from instructflow import report
+
+        report.print_compression(console, compression["artifact_digest"])
     if summary["mlflow_run_id"]:
         console.print(
             f"MLflow run [bold]{summary['mlflow_run_id']}[/] — open it with "
@@ -320,13 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY.PATH=VALUE",
         help="override a config value (repeatable)",
     )
-    from flows.stages import STAGES
+    from flows.stages import ALL_STAGES
 
     run.add_argument(
         "--until",
-        choices=STAGES,
+        choices=ALL_STAGES,
         metavar="STAGE",
-        help=f"stop after this stage ({', '.join(STAGES)})",
+        help=f"stop after this stage ({', '.join(ALL_STAGES)})",
     )
     run.add_argument(
         "--summary-json",

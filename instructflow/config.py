@@ -480,6 +480,52 @@ class SweepConfig(Section):
         return value
 
 
+class DistillTeacherConfig(Section):
+    """What the student learns from: the teacher's top-k logits per response position,
+    computed once (the teacher_logits stage) and cached."""
+
+    # null: this run's fine-tuned model. Else anything `instructflow generate --model` takes:
+    # models:/NAME@alias, a train artifact dir, a PEFT adapter dir, a HF model dir or hub id.
+    model: OptionalText = None
+    # Logits kept per position; the student's KL is taken over these (the teacher's
+    # distribution renormalised over its top k). >= the vocabulary size: exact KL.
+    top_k: Int = Field(default=64, ge=1, le=1_000_000)
+    batch_size: Int = Field(default=16, ge=1, le=65_536)
+
+
+class StudentTrainConfig(TrainConfig):
+    """The student's training run: the train stage's knobs, with a student's defaults. LoRA,
+    not full: on the demo, full fine-tuning of builtin:micro (lr 1e-4 .. 3e-3) overwrote what
+    its pre-training taught it (test exact match 0.00-0.01), LoRA kept it (0.30 at alpha 0)."""
+
+    method: TrainMethod = Field(default_factory=lambda: LoraMethod(r=4, alpha=8, dropout=0.0))
+    learning_rate: Float = Field(default=4e-3, gt=0, le=10)
+
+
+class DistillConfig(Section):
+    """Knowledge distillation (tasks/distill.py): a smaller student trained on the teacher's
+    soft labels, loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+
+    enabled: bool = False
+    teacher: DistillTeacherConfig = Field(default_factory=DistillTeacherConfig)
+    # Must share the tokenizer's vocabulary (token ids are compared one to one).
+    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name_or_path="builtin:micro"))
+    alpha: Float = Field(default=0.7, ge=0, le=1)
+    temperature: Float = Field(default=2.0, gt=0, le=100)
+    # The student's training run: the train stage's knobs.
+    train: StudentTrainConfig = Field(default_factory=StudentTrainConfig)
+    # Also train the same student with alpha = 0 (hard labels only) on the same data and
+    # steps: what distillation adds is the difference.
+    baseline: bool = True
+    # Registry name of the student; null: register.model_name + "-student".
+    model_name: OptionalText = None
+
+    def register_config(self, register: RegisterConfig) -> RegisterConfig:
+        """The student's registration: the teacher's rules under the student's name."""
+        name = self.model_name or f"{register.model_name}-student"
+        return register.model_copy(update={"model_name": name})
+
+
 class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
@@ -493,6 +539,7 @@ class PipelineConfig(Section):
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -62,12 +62,12 @@ def load_base_model(ref: ArtifactRef, **overrides: Any):
         raise LoadError(f"{source}: base model could not be loaded ({exc})") from None
 
 
-def load_builtin():
-    """(model, tokenizer) of the pre-trained builtin:tiny, from the per-user cache (built there
-    on first use)."""
+def load_builtin(name: str = builtin.NAME):
+    """(model, tokenizer) of a pre-trained built-in model (builtin:tiny, builtin:micro), from
+    the per-user cache (built there on first use)."""
     from transformers import AutoModelForCausalLM
 
-    bundle, _ = builtin.ensure_pretrained(builtin.cached_tokenizer_dir())
+    bundle, _ = builtin.ensure_pretrained(builtin.cached_tokenizer_dir(), arch=builtin.SIZES[name])
     model = AutoModelForCausalLM.from_pretrained(str(bundle / "model"), use_safetensors=True)
     return model, load_tokenizer(bundle / "model")
 
@@ -151,8 +151,8 @@ def _base_for(info: dict[str, Any]):
     for model_json in sorted((workspace.artifacts_dir() / "base_model").glob("*/model.json")):
         if json.loads(model_json.read_text()) == info:
             return load_base_model(_ref_of(model_json.parent, "base_model"))
-    if info.get("name_or_path") == builtin.NAME:
-        return load_builtin()[0]
+    if info.get("name_or_path") in builtin.SIZES:
+        return load_builtin(info["name_or_path"])[0]
     return load_plain(info["name_or_path"])[0]
 
 
@@ -195,8 +195,8 @@ def load_for_inference(spec: str):
     """(model, tokenizer, template) for serving, generating or judging, from: builtin:tiny, an
     MLflow URI (`models:/NAME@alias`, `runs:/...`), a train artifact dir, a PEFT adapter dir,
     or a plain HF model dir / hub id."""
-    if spec == builtin.NAME:
-        model, tok = load_builtin()
+    if spec in builtin.SIZES:
+        model, tok = load_builtin(spec)
         return model, tok, "chat_template"
     if spec.startswith(("models:/", "runs:/")) or "://" in spec:
         return _registered(spec)

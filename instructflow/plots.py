@@ -112,3 +112,24 @@ def method_tradeoff(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     _save(fig, path, 100)
+
+
+def compression(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """The distill report: test quality and generation speed of teacher and students."""
+    fig = _figure(8, 3.5)
+    quality, speed = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    names = [f"{r['model']}\n{r['parameters'] / 1e6:.2f}M" for r in rows]
+    at = list(range(len(rows)))
+    for offset, metric in ((-0.2, "exact_match"), (0.2, "rougeL")):
+        values = [r.get(metric) or 0.0 for r in rows]
+        quality.bar([x + offset for x in at], values, width=0.4, label=metric)
+    quality.set_xticks(at, names, fontsize=7)
+    quality.set_ylim(0, 1.05)
+    quality.set_ylabel("test score")
+    quality.legend(fontsize=7)
+    speed.bar(at, [r.get("generation_tokens_per_s") or 0.0 for r in rows], width=0.5)
+    speed.set_xticks(at, names, fontsize=7)
+    speed.set_ylabel("generated tokens/s")
+    for ax in (quality, speed):
+        ax.grid(alpha=0.3, axis="y")
+    _save(fig, path, 100)

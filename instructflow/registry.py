@@ -131,3 +131,22 @@ def version_metrics(version) -> dict[str, float]:
     return {
         k[len(METRIC_TAG) :]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)
     }
+
+
+def resolve_version(uri: str) -> str:
+    """`models:/NAME@alias` or `models:/NAME/VERSION` -> "NAME/VERSION (run RUN_ID)": what the
+    URI loads now (cache keys of stages that load it). Unresolvable: the URI itself."""
+    from mlflow.tracking import MlflowClient
+
+    rest = uri.removeprefix("models:/")
+    client = MlflowClient()
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = rest.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+    except Exception:
+        return uri
+    return f"{version.name}/{version.version} (run {version.run_id})"

@@ -132,3 +132,13 @@ def print_evaluation(console, digest: str) -> None:
         return
     for renderable in tables(report):
         console.print(renderable)
+
+
+def print_compression(console, digest: str) -> None:
+    """The distill report's compression table (tasks/distill_report.py), as it wrote it."""
+    from rich.markdown import Markdown
+
+    path = workspace.artifacts_dir() / "distill_report" / digest / "compression.md"
+    if path.is_file():
+        console.print("[bold]Knowledge distillation[/]: teacher vs students on the test split")
+        console.print(Markdown(path.read_text(encoding="utf-8")))

@@ -27,7 +27,7 @@ from instructflow.builtin import model as builtin
 from instructflow.caching import stage_task
 from instructflow.config import ModelConfig
 
-BUILTIN_TINY = builtin.NAME
+BUILTINS = builtin.SIZES  # builtin:tiny, builtin:micro (a distillation student)
 CHATML_TEMPLATE = builtin.CHATML_TEMPLATE
 
 
@@ -58,7 +58,7 @@ def _load_hub_tokenizer(cfg: ModelConfig):
 
 
 def prepare_tokenizer(cfg: ModelConfig) -> ArtifactRef:
-    if cfg.name_or_path == BUILTIN_TINY:
+    if cfg.name_or_path in BUILTINS:
         # Copied, not loaded and saved: a cached run never imports transformers for it.
         folder = builtin.cached_tokenizer_dir()
         size = builtin.tokenizer_size(folder)
@@ -97,7 +97,10 @@ def _hub_revision(cfg: ModelConfig) -> str | None:
         return cfg.revision
 
 
-def prepare_base_model(cfg: ModelConfig, tokenizer: ArtifactRef) -> ArtifactRef:
+def prepare_base_model(
+    cfg: ModelConfig, tokenizer: ArtifactRef, shown_as: str = "base_model"
+) -> ArtifactRef:
+    """`shown_as`: the row its progress and outcome are reported under."""
     outcome = {"state": "Completed", "summary": ""}
 
     def write(tmp: Path) -> dict[str, Any]:
@@ -108,14 +111,15 @@ def prepare_base_model(cfg: ModelConfig, tokenizer: ArtifactRef) -> ArtifactRef:
             "attn_implementation": cfg.attn_implementation,
             "tokenizer_digest": tokenizer.digest,
         }
-        if cfg.name_or_path == BUILTIN_TINY:
-            bundle, cached = _pretrained_builtin(tokenizer)
+        if cfg.name_or_path in BUILTINS:
+            bundle, cached = _pretrained_builtin(tokenizer, cfg.name_or_path, shown_as)
             info.update(kind="builtin", weights="weights", pretrain=_pretrain_card(bundle))
             shutil.copytree(bundle / "model", tmp / "weights")
             n_params = info["pretrain"]["parameters"]
             seconds = info["pretrain"]["seconds"]
             how = "loaded from the cache (pretrained once in" if cached else "pretrained in"
-            summary = f"builtin:tiny {n_params / 1e6:.1f}M, {how} {seconds:.0f} s" + ")" * cached
+            summary = f"{cfg.name_or_path} {n_params / 1e6:.2f}M, {how} {seconds:.0f} s"
+            summary += ")" * cached
             outcome["state"] = "Cached" if cached else "Completed"
         elif Path(cfg.name_or_path).is_dir():
             local = Path(cfg.name_or_path).resolve()
@@ -143,7 +147,7 @@ def prepare_base_model(cfg: ModelConfig, tokenizer: ArtifactRef) -> ArtifactRef:
 
     ref = write_artifact("base_model", write)
     # The manifest's summary is the first publisher's; this run's own outcome goes out here.
-    progress.notify("stage_state", stage="base_model", **outcome)
+    progress.notify("stage_state", stage=shown_as, **outcome)
     return ref
 
 
@@ -167,7 +171,7 @@ def _max_positions(tmp: Path, info: dict[str, Any]) -> int | None:
     return int(limit) if limit else None
 
 
-def _pretrained_builtin(tokenizer: ArtifactRef) -> tuple[Path, bool]:
+def _pretrained_builtin(tokenizer: ArtifactRef, name: str, shown_as: str) -> tuple[Path, bool]:
     """The pre-trained built-in model's bundle (built once per user cache), with progress."""
     started = time.perf_counter()
 
@@ -177,13 +181,13 @@ def _pretrained_builtin(tokenizer: ArtifactRef) -> tuple[Path, bool]:
         loss_txt = f", loss {loss:.3f}" if loss is not None else ""
         progress.notify(
             "stage_progress",
-            stage="base_model",
+            stage=shown_as,
             completed=step,
             total=total,
-            message=f"pre-training builtin:tiny{loss_txt}, ETA {eta:.0f} s",
+            message=f"pre-training {name}{loss_txt}, ETA {eta:.0f} s",
         )
 
-    return builtin.ensure_pretrained(tokenizer.dir, progress=report)
+    return builtin.ensure_pretrained(tokenizer.dir, progress=report, arch=BUILTINS[name])
 
 
 def _pretrain_card(bundle: Path) -> dict[str, Any]:
@@ -193,5 +197,12 @@ def _pretrain_card(bundle: Path) -> dict[str, Any]:
     return {k: info[k] for k in keep if k in info}
 
 
+def prepare_student_base(cfg: ModelConfig, tokenizer: ArtifactRef) -> ArtifactRef:
+    """The distillation student's starting point: a base model like any other, shown as its
+    own row."""
+    return prepare_base_model(cfg, tokenizer, shown_as="student_base")
+
+
 tokenizer_task = stage_task("tokenizer", cache=False)(prepare_tokenizer)
 base_model_task = stage_task("base_model", cache=False)(prepare_base_model)
+student_base_task = stage_task("student_base", cache=False)(prepare_student_base)

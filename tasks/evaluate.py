@@ -91,6 +91,51 @@ def scored_examples(tokenized: ArtifactRef, limit: int | None) -> list[tuple[lis
     return list(zip(part["input_ids"], part["labels"], strict=True))
 
 
+def score_model(
+    m,
+    tok,
+    scored: list[tuple[list, list]],
+    prompts: list[str],
+    template: str,
+    tokenize_cfg: TokenizeConfig,
+    cfg: EvaluateConfig,
+    tick: Callable[[str], Callable[[int, int], None]],
+    label: str,
+) -> tuple[float, int, list[str], float]:
+    """(perplexity, scored tokens, greedy/sampled outputs, generated tokens/s) of one model
+    on the test split (the distill report scores its students with it too)."""
+    from instructflow import generation
+
+    ppl, n_tok = generation.perplexity(
+        m,
+        scored,
+        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        batch_size=max(1, cfg.batch_size // 4),
+        max_length=tokenize_cfg.max_length,
+    )
+    tick(f"perplexity {label}")(len(prompts), len(prompts))
+    started = time.perf_counter()
+    outs = generation.generate(
+        m,
+        tok,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        stop_strings=[*templates.stop_strings(template, tok), *cfg.stop_strings],
+        stop_tokens=[templates.end_of_turn_token(template, tok)],
+        add_special_tokens=templates.add_special_tokens(template),
+        max_prompt_tokens=tokenize_cfg.max_length,
+        progress=tick(f"generating {label}"),
+        details=True,
+    )
+    seconds = time.perf_counter() - started
+    made = sum(o["completion_tokens"] for o in outs)
+    return ppl, n_tok, [o["text"] for o in outs], made / seconds if seconds > 0 else float("nan")
+
+
 # -- stage ------------------------------------------------------------------------------------
 def evaluate(
     splits: ArtifactRef,
@@ -115,7 +160,6 @@ def evaluate(
     refs = [templates.reference(r) for r in rows]
     asked = [templates.instruction_and_context(r) for r in rows]
     stops = [*templates.stop_strings(template, tok), *cfg.stop_strings]
-    eot = templates.end_of_turn_token(template, tok)
     total = 2 * len(rows) * (2 if cfg.compare_base else 1)
     done = [0]
 
@@ -131,35 +175,10 @@ def evaluate(
         return report
 
     def run_model(m, label: str) -> tuple[float, int, list[str]]:
-        ppl, n_tok = generation.perplexity(
-            m,
-            scored,
-            pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-            batch_size=max(1, cfg.batch_size // 4),
-            max_length=tokenize_cfg.max_length,
+        ppl, n_tok, outs, speed[label] = score_model(
+            m, tok, scored, prompts, template, tokenize_cfg, cfg, tick, label
         )
-        tick(f"perplexity {label}")(len(rows), len(rows))
-        started = time.perf_counter()
-        outs = generation.generate(
-            m,
-            tok,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            seed=cfg.seed,
-            stop_strings=stops,
-            stop_tokens=[eot],
-            add_special_tokens=templates.add_special_tokens(template),
-            max_prompt_tokens=tokenize_cfg.max_length,
-            progress=tick(f"generating {label}"),
-            details=True,
-        )
-        seconds = time.perf_counter() - started
-        made = sum(o["completion_tokens"] for o in outs)
-        speed[label] = made / seconds if seconds > 0 else float("nan")
-        return ppl, n_tok, [o["text"] for o in outs]
+        return ppl, n_tok, outs
 
     torch.manual_seed(cfg.seed)
     speed: dict[str, float] = {}  # generated tokens/s per model (the serving speed)

@@ -73,6 +73,7 @@ def model_card(
         f"prompt template `{train.get('template')}`.",
         "",
         f"**Base model**: {ref}; {where}.",
+        *_distilled_from(train),
         "",
         "## Data (artifact digests)",
         *[f"- `{k}`: `{v}`" for k, v in sorted(digests.items())],
@@ -93,12 +94,30 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def _distilled_from(train: dict) -> list[str]:
+    """A distilled student's card names its teacher and the loss (tasks/distill.py)."""
+    kd = train.get("distill")
+    if not kd:
+        return []
+    return [
+        "",
+        f"**Distilled from** {kd['teacher']}: loss alpha {kd['alpha']} * T^2 * KL(teacher_T "
+        f"|| student_T) + (1 - alpha) * CE at T {kd['temperature']}, on the teacher's top-"
+        f"{kd['top_k']} logits per response token.",
+    ]
+
+
 def register(
-    model: ArtifactRef, report: ArtifactRef, base: ArtifactRef, cfg: RegisterConfig
+    model: ArtifactRef,
+    report: ArtifactRef,
+    base: ArtifactRef,
+    cfg: RegisterConfig,
+    stage: str = "register",
 ) -> ArtifactRef:
+    """`stage`: "register_student" for a distilled student (its own artifact and run tags)."""
     if not cfg.enabled:
         decision = {"version": None, "alias": None, "promoted": False, "reasons": ["disabled"]}
-        return _publish(decision, cfg, "register.enabled is false: nothing registered")
+        return _publish(decision, cfg, "register.enabled is false: nothing registered", stage)
 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -111,7 +130,7 @@ def register(
     try:
         same = _registered_from(client, cfg.model_name, source)
         if same is not None:
-            return _unchanged(client, cfg, run_id, same)
+            return _unchanged(client, cfg, run_id, same, stage)
         data = client.get_run(run_id).data
         params = data.params
         digests = {
@@ -163,7 +182,7 @@ def register(
         gate_tags = {registry.DECISION_TAG: verdict, registry.REASONS_TAG: "; ".join(reasons)}
         for k, v in gate_tags.items():
             client.set_model_version_tag(cfg.model_name, version, k, v)
-            client.set_tag(run_id, k, v)
+            client.set_tag(run_id, _run_tag(k, stage), v)
         client.update_model_version(
             cfg.model_name, version, card + f"\n## Gate: {verdict}\n" + "\n".join(reasons)
         )
@@ -173,7 +192,7 @@ def register(
     alias = registry.CHAMPION if promoted else registry.CHALLENGER
     decision = _decision(cfg, version, alias, promoted, champ, reasons)
     summary = f"{cfg.model_name} v{version} {verdict}" + (" -> champion" if promoted else "")
-    return _publish(decision, cfg, summary, gate_tags)
+    return _publish(decision, cfg, summary, stage, gate_tags)
 
 
 def _registered_from(client, name: str, source: str):
@@ -192,7 +211,12 @@ def _registered_from(client, name: str, source: str):
     return max(done, key=lambda v: int(v.version), default=None)
 
 
-def _unchanged(client, cfg: RegisterConfig, run_id: str, version) -> ArtifactRef:
+def _run_tag(key: str, stage: str) -> str:
+    """The run's tag for a registration: the student's decision beside the teacher's."""
+    return key if stage == "register" else f"{key}.{stage.removeprefix('register_')}"
+
+
+def _unchanged(client, cfg: RegisterConfig, run_id: str, version, stage: str) -> ArtifactRef:
     """A re-run with nothing new (e.g. a nightly run on unchanged data): no new version."""
     from mlflow.exceptions import MlflowException
 
@@ -207,11 +231,11 @@ def _unchanged(client, cfg: RegisterConfig, run_id: str, version) -> ArtifactRef
     )
     tags = {registry.DECISION_TAG: "unchanged", registry.REASONS_TAG: reason}
     for k, v in tags.items():
-        client.set_tag(run_id, k, v)
+        client.set_tag(run_id, _run_tag(k, stage), v)
     alias = registry.CHAMPION if is_champion else None
     decision = _decision(cfg, version.version, alias, False, champ, [reason], unchanged=True)
     summary = f"{cfg.model_name} v{version.version} unchanged (already registered)"
-    return _publish(decision, cfg, summary, tags)
+    return _publish(decision, cfg, summary, stage, tags)
 
 
 def _decision(cfg: RegisterConfig, version, alias, promoted: bool, champ, reasons, **extra):
@@ -227,13 +251,15 @@ def _decision(cfg: RegisterConfig, version, alias, promoted: bool, champ, reason
     }
 
 
-def _publish(decision: dict, cfg: RegisterConfig, summary: str, tags=None) -> ArtifactRef:
+def _publish(
+    decision: dict, cfg: RegisterConfig, summary: str, stage: str, tags=None
+) -> ArtifactRef:
     def write(tmp: Path) -> dict[str, Any]:
         (tmp / "decision.json").write_text(json.dumps(decision, indent=1))
         meta: dict[str, Any] = {
             "params": {"model_name": cfg.model_name},
             "log_files": ["decision.json"],
-            "tags": tags or {},
+            "tags": {_run_tag(k, stage): v for k, v in (tags or {}).items()},
             "summary": summary,
         }
         if decision["version"] is not None:
@@ -243,7 +269,7 @@ def _publish(decision: dict, cfg: RegisterConfig, summary: str, tags=None) -> Ar
             }
         return meta
 
-    return write_artifact("register", write)
+    return write_artifact(stage, write)
 
 
 register_task = stage_task("register", cache=False)(register)

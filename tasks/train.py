@@ -35,8 +35,16 @@ CHART_METRICS = (
 
 # -- stage ----------------------------------------------------------------------------------
 def train(
-    tokenized: ArtifactRef, base: ArtifactRef, tokenizer: ArtifactRef, cfg: TrainConfig
+    tokenized: ArtifactRef,
+    base: ArtifactRef,
+    tokenizer: ArtifactRef,
+    cfg: TrainConfig,
+    *,
+    teacher: dict[str, Any] | None = None,
+    stage: str = "train",
 ) -> ArtifactRef:
+    """`teacher` (the distill stage): cached teacher logits and the loss's alpha and T, see
+    instructflow.training.distill; the artifact is then published as `stage`."""
     check_lengths(tokenized, base)
     method = methods.get(cfg.method.name)
     if cfg.merge and not method.mergeable:
@@ -45,9 +53,10 @@ def train(
             f"train.merge: method {method.name} {why} (mergeable: "
             f"{', '.join(m.name for m in methods.METHODS.values() if m.mergeable)})"
         )
-    key = work_key(tokenized, base, tokenizer, cfg)
-    work = workspace.work_dir("train", key)
+    key = work_key(tokenized, base, tokenizer, cfg, teacher)
+    work = workspace.work_dir(stage, key)
     spec = {
+        "distill": teacher,
         "tokenized": tokenized.path,
         "base": base.model_dump(),
         "tokenizer": tokenizer.path,
@@ -67,7 +76,7 @@ def train(
             _write_merged(tmp, base)
         return _meta(info, cfg)
 
-    ref = write_artifact("train", write)
+    ref = write_artifact(stage, write)
     if not cfg.keep_checkpoints:
         # The artifact is published; checkpoints were only there to survive a crash.
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -88,9 +97,11 @@ def check_lengths(tokenized: ArtifactRef, base: ArtifactRef) -> None:
         )
 
 
-def work_key(tokenized, base, tokenizer, cfg: TrainConfig) -> str:
+def work_key(tokenized, base, tokenizer, cfg: TrainConfig, teacher=None) -> str:
     """The stage's cache key (same inputs and code -> same work dir, so reruns resume)."""
     inputs = {"tokenized": tokenized, "base": base, "tokenizer": tokenizer, "cfg": cfg}
+    if teacher:  # its logits by digest (in the dict), not by path
+        inputs["teacher"] = {k: v for k, v in teacher.items() if k != "teacher_logits"}
     return inputs_key("train", codeid.digest(__file__), inputs)
 
 

@@ -41,6 +41,7 @@ from instructflow.builtin import world
 from instructflow.templates import IM_END, IM_START
 
 NAME = "builtin:tiny"
+MICRO = "builtin:micro"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
@@ -64,6 +65,15 @@ ARCH = dict(
     rope_theta=10000.0,
     tie_word_embeddings=True,
 )
+# builtin:micro: the same family, 2 layers of width 64 (~5x fewer parameters): the default
+# student of knowledge distillation (tasks/distill.py), pre-trained on the same facts.
+MICRO_ARCH = {
+    **ARCH,
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+}
+SIZES = {NAME: ARCH, MICRO: MICRO_ARCH}
 # Pre-training recipe. ~2.1M tokens (~95 passes over the 22K-token corpus); AdamW, warmup then
 # cosine to 10 %, packed 128-token rows of EOS-separated statements.
 RECIPE = dict(
@@ -216,8 +226,14 @@ def packed_rows(tokenizer, recipe: dict[str, Any]):
     return stream.reshape(-1, recipe["seq_len"])
 
 
-def pretrain(tokenizer, recipe: dict[str, Any] | None = None, progress: Progress | None = None):
-    """(model, info): the built-in model trained per `recipe` with transformers' Trainer."""
+def pretrain(
+    tokenizer,
+    recipe: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    arch: dict[str, Any] | None = None,
+):
+    """(model, info): the built-in model (`arch`, default tiny's) trained per `recipe` with
+    transformers' Trainer."""
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
@@ -225,7 +241,8 @@ def pretrain(tokenizer, recipe: dict[str, Any] | None = None, progress: Progress
     recipe = {**RECIPE, **(recipe or {})}
     rows = torch.from_numpy(packed_rows(tokenizer, recipe))
     dataset = _RowDataset(rows)
-    model = build_model(tokenizer, seed=recipe["seed"])
+    arch = arch or ARCH
+    model = build_model(tokenizer, arch, seed=recipe["seed"])
     losses: list[tuple[int, float]] = []
 
     class Report(TrainerCallback):
@@ -266,7 +283,7 @@ def pretrain(tokenizer, recipe: dict[str, Any] | None = None, progress: Progress
     model.eval()
     info = {
         "recipe": recipe,
-        "arch": ARCH,
+        "arch": arch,
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokens": int(rows.numel()),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -344,18 +361,21 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
-def cache_key(tokenizer, recipe: dict[str, Any] | None = None) -> str:
+def cache_key(
+    tokenizer, recipe: dict[str, Any] | None = None, arch: dict[str, Any] | None = None
+) -> str:
     """Everything that determines the weights: tokenizer, architecture, recipe, corpus, code."""
     payload = {
         "tokenizer": tokenizer_digest(tokenizer),
-        "arch": ARCH,
+        "arch": arch or ARCH,
         "recipe": {**RECIPE, **(recipe or {})},
         "corpus": hashlib.sha256("\n".join(world.statements()).encode()).hexdigest(),
         "world_version": world.WORLD_VERSION,
         "code": codeid.digest(__file__),
     }
     blob = json.dumps(payload, sort_keys=True).encode()
-    return "tiny-" + hashlib.sha256(blob).hexdigest()[:24]
+    size = next((n.split(":")[1] for n, a in SIZES.items() if a == (arch or ARCH)), "custom")
+    return f"{size}-" + hashlib.sha256(blob).hexdigest()[:24]
 
 
 def _intact(bundle: Path) -> bool:
@@ -370,7 +390,10 @@ def _intact(bundle: Path) -> bool:
 
 
 def ensure_pretrained(
-    tokenizer, recipe: dict[str, Any] | None = None, progress: Progress | None = None
+    tokenizer,
+    recipe: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    arch: dict[str, Any] | None = None,
 ) -> tuple[Path, bool]:
     """(bundle dir, whether it came from the cache). `tokenizer`: a loaded tokenizer or a
     saved one's folder (loaded only if the bundle must be built). The bundle holds model/
@@ -382,7 +405,7 @@ def ensure_pretrained(
 
     root = cache_root() / "builtin"
     root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(tokenizer, recipe)
+    key = cache_key(tokenizer, recipe, arch)
     bundle = root / key
     with FileLock(str(root / f"{key}.lock"), timeout=3600):
         if bundle.is_dir():
@@ -393,7 +416,7 @@ def ensure_pretrained(
             from transformers import PreTrainedTokenizerFast
 
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer))
-        model, info = pretrain(tokenizer, recipe, progress)
+        model, info = pretrain(tokenizer, recipe, progress, arch)
         info["probe"] = probe(model, tokenizer)
         info["cache_key"] = key
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))

@@ -26,7 +26,7 @@ from typing import Any
 from instructflow import interrupts, loading
 from instructflow.artifacts import MANIFEST, ArtifactRef
 from instructflow.config import TrainConfig
-from instructflow.training import methods, packing
+from instructflow.training import distill, methods, packing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -235,7 +235,7 @@ def _choose_packing(model, cfg: TrainConfig, info: dict, vocab: int, precision: 
     return packing.packs_correctly(model, vocab, atol=atol), original
 
 
-def _parameter_count(model) -> int:
+def parameter_count(model) -> int:
     """Parameters of the base: a 4-bit weight packs several values per stored element (2 per
     uint8, 8 per fp32 storage), so its count comes from the shape it was quantized from."""
     import math
@@ -321,20 +321,27 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
 
     tok = loading.load_tokenizer(spec["tokenizer"])
     train_ds, eval_ds = _load_splits(Path(spec["tokenized"]), cfg.max_eval_examples)
+    kd = spec.get("distill")  # a student learning from cached teacher logits (tasks/distill)
+    if kd:
+        train_ds = distill.join_teacher(train_ds, Path(kd["teacher_logits"]) / "train")
     info = loading.model_info(base)
     model = _load_model(base, cfg, precision, local_rank)
     packed, attention = _choose_packing(model, cfg, info, len(tok), precision)
-    total_parameters = _parameter_count(model)
+    total_parameters = parameter_count(model)
     model = wrap_method(model, cfg, str(spec["tokenizer"]))
     memory = PeakMemory()
     stats = packing.BatchStats()
     collator = packing.PackingCollator(stats) if packed else packing.PaddingCollator(tok, stats)
+    trainer_class = _trainer_class()
+    if kd:
+        collator = distill.TeacherCollator(collator, kd["top_k"])
+        trainer_class = distill.trainer_class(trainer_class, kd["alpha"], kd["temperature"])
     args = _training_args(cfg, precision, work, eval_ds is not None, padded=not packed)
     metrics_cb = callbacks.StepMetrics(stats, world)
     cbs = [metrics_cb, callbacks.Progress(metrics_cb, subprocess_mode)]
     if args.load_best_model_at_end:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = _trainer_class()(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -421,6 +428,7 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
         "packing": "flattened" if packed else "padded",
         "attention": attention,
         "config": cfg.model_dump(mode="json"),
+        **({"distill": {k: v for k, v in kd.items() if k != "teacher_logits"}} if kd else {}),
         "metrics": metrics,
         "step_metrics": series,
         "log_history": state.log_history,

@@ -1,0 +1,131 @@
+"""teacher_logits stage: the distillation teacher's top-k logits at every scored (response)
+position of the tokenized train split, stored in Arrow beside nothing else: the distill stage
+joins them to the tokenized rows by position (instructflow.training.distill).
+
+Keyed by the teacher (this run's train artifact + base, or `distill.teacher.model` and its
+content / registry version), the tokenized artifact's digest and top_k: another alpha or
+temperature re-trains the student only.
+
+Output (artifacts/teacher_logits/<digest>/): train/ (a datasets Arrow folder: teacher_ids,
+teacher_logits, both flattened [positions * k]), teacher.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from instructflow import progress
+from instructflow.artifacts import ArtifactRef, write_artifact
+from instructflow.caching import local_files_digest, stage_task
+from instructflow.config import DistillTeacherConfig
+from instructflow.training.distill import TEACHER_IDS, TEACHER_LOGITS, teacher_top_k
+
+
+class DistillError(RuntimeError):
+    """A distillation that cannot go on; the message is one line."""
+
+
+def load_teacher(
+    cfg: DistillTeacherConfig, model: ArtifactRef | None, base: ArtifactRef | None, tokenizer
+):
+    """(teacher model in eval mode with any adapter folded in, one-line description). Refused
+    in one line when its vocabulary differs from the data's tokenizer (`tokenizer`)."""
+    from instructflow import generation, loading
+
+    if cfg.model is None:
+        if model is None or base is None:
+            raise DistillError("distill.teacher.model is null but this run has no train artifact")
+        teacher, _ = loading.load_finetuned(model, base)
+        info = json.loads(model.file("train.json").read_text())
+        name = info["base_model"].get("name_or_path")
+        about = f"this run's {info['method']} model on {name} (train {model.digest[:12]})"
+    else:
+        teacher, tok, _ = loading.load_for_inference(cfg.model)
+        require_same_vocabulary(tok, tokenizer, f"distill.teacher.model={cfg.model}")
+        about = cfg.model
+    return generation.fold_adapter(teacher).eval(), about
+
+
+def require_same_vocabulary(tok, data_tok, what: str) -> None:
+    """Token ids are compared one to one between teacher and student: same vocabulary only."""
+    if tok.get_vocab() != data_tok.get_vocab():
+        raise DistillError(
+            f"{what}: its tokenizer's vocabulary differs from the data's ({len(tok)} vs "
+            f"{len(data_tok)} tokens); teacher, student and data must share one tokenizer"
+        )
+
+
+def teacher_logits(
+    tokenized: ArtifactRef,
+    model: ArtifactRef | None,
+    base: ArtifactRef | None,
+    tokenizer: ArtifactRef,
+    cfg: DistillTeacherConfig,
+) -> ArtifactRef:
+    import datasets
+
+    from instructflow import loading
+
+    tok = loading.load_tokenizer(tokenizer)
+    teacher, about = load_teacher(cfg, model, base, tok)
+    train = datasets.load_from_disk(str(tokenized.file("train")))
+    examples = list(zip(train["input_ids"], train["labels"], strict=True))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    k = min(cfg.top_k, teacher.get_output_embeddings().weight.shape[0])
+    ids: list[list[int]] = []
+    values: list[list[float]] = []
+    # Longest first: rows of similar length share a batch (less padding to compute).
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    found: dict[int, tuple[list[int], list[float]]] = {}
+    for start in range(0, len(order), cfg.batch_size):
+        chunk = order[start : start + cfg.batch_size]
+        rows = teacher_top_k(teacher, [examples[i] for i in chunk], k, pad)
+        found.update(zip(chunk, rows, strict=True))
+        progress.notify(
+            "stage_progress",
+            stage="teacher_logits",
+            completed=min(start + cfg.batch_size, len(order)),
+            total=len(order),
+            message=f"teacher top-{k} logits",
+        )
+    for i in range(len(examples)):
+        ids.append(found[i][0])
+        values.append(found[i][1])
+    positions = sum(len(r) for r in ids) // k
+
+    def write(tmp: Path) -> dict[str, Any]:
+        features = datasets.Features(
+            {
+                TEACHER_IDS: datasets.Sequence(datasets.Value("int32")),
+                TEACHER_LOGITS: datasets.Sequence(datasets.Value("float32")),
+            }
+        )
+        data = datasets.Dataset.from_dict({TEACHER_IDS: ids, TEACHER_LOGITS: values}, features)
+        data.save_to_disk(str(tmp / "train"))
+        info = {"teacher": about, "top_k": k, "positions": positions, "rows": len(ids)}
+        (tmp / "teacher.json").write_text(json.dumps(info, indent=1))
+        return {
+            "params": {"teacher": about, "top_k": k},
+            "figures": {"positions": positions, "rows": len(ids)},
+            "summary": f"top-{k} logits at {positions} positions of {len(ids)} rows",
+        }
+
+    return write_artifact("teacher_logits", write)
+
+
+def teacher_fingerprint(inputs: dict[str, Any]) -> Any:
+    """Cache-key material for a teacher named in the config: a local folder's contents, or
+    the registry version an MLflow URI points at now (a moved alias must miss the cache)."""
+    spec = inputs["cfg"].model
+    if spec is None:
+        return None
+    if spec.startswith("models:/"):
+        from instructflow import registry
+
+        return registry.resolve_version(spec)
+    return local_files_digest([spec]) or spec
+
+
+teacher_logits_task = stage_task("teacher_logits", key_extra=teacher_fingerprint)(teacher_logits)
