@@ -173,13 +173,14 @@ def add_ratios(table: list[dict[str, Any]]) -> None:
 
 
 def report_metrics(table: list[dict[str, Any]]) -> dict[str, float]:
-    """MLflow metrics distill.<role>_<figure> (role: teacher, student, baseline)."""
+    """Metrics <role>.<figure> (role: teacher, student, baseline), in MLflow
+    distill_report/<role>/<figure>."""
     roles = {"teacher": "teacher", "student": "student", "student α=0": "baseline"}
     out: dict[str, float] = {}
     for row in table:
         for key, value in row.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
-                out[f"distill.{roles[row['model']]}_{key}"] = float(value)
+                out[f"{roles[row['model']]}.{key}"] = float(value)
     return out
 
 

@@ -99,8 +99,10 @@ def test_distill_runs_in_the_flow_and_another_alpha_retrains_only_the_student(ho
     assert student_info["method"] == "lora" and student_info["metrics"]["steps"] == 12
 
     run = MlflowClient().get_run(first["mlflow_run_id"])
-    assert run.data.metrics["distill.student_exact_match"] == student["exact_match"]
-    assert run.data.metrics["distill.baseline_parameters"] == baseline["parameters"]
+    logged_metrics = run.data.metrics
+    assert logged_metrics["distill_report/student/exact_match"] == student["exact_match"]
+    assert logged_metrics["distill_report/baseline/parameters"] == baseline["parameters"]
+    assert logged_metrics["distill_report/student/speedup"] == pytest.approx(student["speedup"])
     logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "distill_report")}
     assert "distill_report/compression.md" in logged
 
@@ -108,7 +110,7 @@ def test_distill_runs_in_the_flow_and_another_alpha_retrains_only_the_student(ho
     name = "instructflow-demo-student"
     version = MlflowClient().get_model_version_by_alias(name, "champion")
     card = MlflowClient().get_model_version(name, version.version).description
-    assert "Distilled from this run's lora model on builtin:tiny" in card
+    assert "**Distilled from** this run's lora model on builtin:tiny" in card
     registered, tok, _ = loading.load_for_inference(f"models:/{name}@champion")
     own, _ = loading.load_finetuned(_ref(first, "distill"), _student_base(first))
     ids = tok("### Instruction:\nName a colour.\n\n### Response:\n", return_tensors="pt")
