@@ -21,6 +21,7 @@ from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import local_files_digest, stage_task
 from instructflow.config import DistillTeacherConfig
 from instructflow.training.distill import TEACHER_IDS, TEACHER_LOGITS, teacher_top_k
+from tasks.tokenize import save_table
 
 
 class DistillError(RuntimeError):
@@ -78,7 +79,7 @@ def teacher_logits(
     values: list[list[float]] = []
     # Longest first: rows of similar length share a batch (less padding to compute).
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
-    found: dict[int, tuple[list[int], list[float]]] = {}
+    found: dict[int, tuple[list[int], list[float], list[float]]] = {}
     for start in range(0, len(order), cfg.batch_size):
         chunk = order[start : start + cfg.batch_size]
         rows = teacher_top_k(teacher, [examples[i] for i in chunk], k, pad)
@@ -94,6 +95,13 @@ def teacher_logits(
         ids.append(found[i][0])
         values.append(found[i][1])
     positions = sum(len(r) for r in ids) // k
+    # How much of the teacher's distribution (T = 1) the top-k keep: the KL is taken over
+    # these k ids renormalised, so a low share means the approximation drops signal.
+    kept = [share for i in range(len(examples)) for share in found[i][2]]
+    mass = {
+        "top_k_mass_mean": sum(kept) / len(kept) if kept else 1.0,
+        "top_k_mass_min": min(kept, default=1.0),
+    }
 
     def write(tmp: Path) -> dict[str, Any]:
         features = datasets.Features(
@@ -103,13 +111,15 @@ def teacher_logits(
             }
         )
         data = datasets.Dataset.from_dict({TEACHER_IDS: ids, TEACHER_LOGITS: values}, features)
-        data.save_to_disk(str(tmp / "train"))
-        info = {"teacher": about, "top_k": k, "positions": positions, "rows": len(ids)}
+        save_table(data.data.table, tmp / "train")  # quiet, content-fingerprinted
+        info = {"teacher": about, "top_k": k, "positions": positions, "rows": len(ids), **mass}
         (tmp / "teacher.json").write_text(json.dumps(info, indent=1))
         return {
             "params": {"teacher": about, "top_k": k},
-            "figures": {"positions": positions, "rows": len(ids)},
-            "summary": f"top-{k} logits at {positions} positions of {len(ids)} rows",
+            "figures": {"positions": positions, "rows": len(ids), **mass},
+            "summary": f"top-{k} logits at {positions} positions of {len(ids)} rows, "
+            f"holding {mass['top_k_mass_mean']:.2%} of the teacher's probability "
+            f"(min {mass['top_k_mass_min']:.2%})",
         }
 
     return write_artifact("teacher_logits", write)

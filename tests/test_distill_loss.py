@@ -15,6 +15,7 @@ from instructflow.training.distill import (
     TeacherCollator,
     distill_loss,
     scored_positions,
+    teacher_top_k,
 )
 
 VOCAB = 11
@@ -157,3 +158,29 @@ def test_teacher_columns_line_up_with_scored_positions(packed):
     assert batch[TEACHER_IDS].shape == (len(scored), 3)
     assert batch[TEACHER_IDS][:, 0].tolist() == scored.tolist()
     assert batch[TEACHER_IDS][:, 1].tolist() == [0, 0, 0, 1, 2, 2, 2]
+
+
+def test_teacher_top_k_reports_the_probability_mass_it_keeps():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    ids = [3, 5, 7, 9, 11]
+    labels = [-100, -100, 7, 9, 11]  # scored: the positions predicting 7, 9, 11
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([ids])).logits[0].float()
+    scored = full[[1, 2, 3]]
+    probs = scored.softmax(-1)
+
+    ((top_ids, top_logits, kept),) = teacher_top_k(model, [(ids, labels)], k=4, pad_id=0)
+    expected = probs.topk(4, dim=-1)
+    assert top_ids == expected.indices.flatten().tolist()
+    assert torch.allclose(torch.tensor(top_logits), scored.topk(4, -1).values.flatten())
+    assert kept == pytest.approx(expected.values.sum(-1).tolist(), abs=1e-6)
+    assert all(0 < share < 1 for share in kept)
+    ((_, _, everything),) = teacher_top_k(model, [(ids, labels)], k=32, pad_id=0)
+    assert everything == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)

@@ -128,10 +128,11 @@ def join_teacher(train_ds, teacher_dir):
 
 
 def teacher_top_k(model, examples: list[tuple[list[int], list[int]]], k: int, pad_id: int):
-    """Per example: (ids, logits) flattened [positions * k] of the teacher's top-k logits at
-    its scored positions (`scored_positions`). One padded forward per call; the model's own
-    logits (fp32), taken from the last L positions (prompt tuning returns its virtual ones
-    first)."""
+    """Per example: (ids, logits, kept) — ids and logits flattened [positions * k] of the
+    teacher's top-k logits at its scored positions (`scored_positions`), and per position the
+    share of the teacher's probability (T = 1) those k ids hold. One padded forward per call;
+    the model's own logits (fp32), taken from the last L positions (prompt tuning returns its
+    virtual ones first)."""
     import torch
 
     width = max(len(ids) for ids, _ in examples)
@@ -147,6 +148,8 @@ def teacher_top_k(model, examples: list[tuple[list[int], list[int]]], k: int, pa
     out = []
     for i, (_, labels) in enumerate(examples):
         pos = scored_positions(labels)
-        top = logits[i, pos].topk(min(k, logits.shape[-1]), dim=-1)
-        out.append((top.indices.flatten().tolist(), top.values.flatten().tolist()))
+        scores = logits[i, pos]
+        top = scores.topk(min(k, logits.shape[-1]), dim=-1)
+        kept = (top.values - scores.logsumexp(-1, keepdim=True)).exp().sum(-1)
+        out.append((top.indices.flatten().tolist(), top.values.flatten().tolist(), kept.tolist()))
     return out
