@@ -2,6 +2,8 @@ r"""The fine-tuning DAG. Wiring only: each stage lives in tasks/<stage>.py.
 
 download -> validate -> augment -> split -> tokenize -> train -> evaluate -> register
                                tokenizer (helper) --^  base model (helper) --^--------^
+With several data.sources, per source download/<name> -> validate/<name>, then
+    mix (all sources, by weight) -> augment -> ...
 With distill.enabled, after evaluate (student base: a helper):
     teacher_logits -> distill (student) --------> distill_report -> register_student
                   \-> distill_baseline (alpha 0) --^
@@ -20,6 +22,7 @@ from tasks.distill import distill_task
 from tasks.distill_report import distill_report_task
 from tasks.download import download_task
 from tasks.evaluate import evaluate_task
+from tasks.mix import mix_plan, mix_task
 from tasks.register import register_task
 from tasks.split import split_task
 from tasks.teacher_logits import teacher_logits_task
@@ -36,9 +39,22 @@ def finetune(
 ) -> dict:
     cfg = load_config(config_path, overrides)
     kd = cfg.distill
-    with PipelineRun(cfg, config_path, until, stages_for(kd.enabled)) as run:
-        raw = run.stage(download_task, cfg.data)
-        clean = run.stage(validate_task, raw, cfg.validate_)
+    names = tuple(s.name for s in cfg.data.sources)
+    with PipelineRun(cfg, config_path, until, stages_for(kd.enabled, names)) as run:
+        if cfg.data.sources:
+            validated = {}
+            for src in cfg.data.sources:
+                raw = run.stage(
+                    download_task, src.spec(), f"download/{src.name}", name=f"download/{src.name}"
+                )
+                validated[src.name] = run.stage(
+                    validate_task, raw, src.validate_config(cfg.validate_),
+                    f"validate/{src.name}", name=f"validate/{src.name}",
+                )  # fmt: skip
+            clean = run.stage(mix_task, validated, mix_plan(cfg.data.sources), cfg.data.mix)
+        else:
+            raw = run.stage(download_task, cfg.data.spec())
+            clean = run.stage(validate_task, raw, cfg.validate_)
         augmented = run.stage(augment_task, clean, cfg.augment)
         splits = run.stage(split_task, augmented, cfg.split)
         tokenizer = run.helper(tokenizer_task, cfg.model)

@@ -17,11 +17,28 @@ STAGES = (
 # Knowledge distillation (`distill.enabled`): after evaluate, the student and its report;
 # the student is registered after the teacher.
 DISTILL_STAGES = ("teacher_logits", "distill", "distill_baseline", "distill_report")
-ALL_STAGES = (*STAGES[:-1], *DISTILL_STAGES, "register", "register_student")
+ALL_STAGES = (
+    *STAGES[:2],
+    "mix",
+    *STAGES[2:-1],
+    *DISTILL_STAGES,
+    "register",
+    "register_student",
+)
 # Helpers shown beside the stages (after the stage named), in the live view and the summary.
 SHOWN_HELPERS = {"base_model": "tokenize", "student_base": "teacher_logits"}
 
 
-def stages_for(distill: bool) -> tuple[str, ...]:
-    """The stages a run goes through: the default DAG, or with distillation."""
-    return ALL_STAGES if distill else STAGES
+def stages_for(distill: bool, sources: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The stages a run goes through: the default DAG, with distillation, and with several
+    `data.sources` (download/<name> and validate/<name> per source, then mix)."""
+    stages = ALL_STAGES if distill else (*STAGES[:2], "mix", *STAGES[2:])
+    if not sources:
+        return tuple(s for s in stages if s != "mix")
+    per_source = tuple(f"{stage}/{name}" for name in sources for stage in STAGES[:2])
+    return (*per_source, *stages[2:])
+
+
+def is_stage(name: str) -> bool:
+    """A DAG stage (per-source ones included), not a helper."""
+    return name in ALL_STAGES or name.split("/", 1)[0] in STAGES[:2]

@@ -25,12 +25,12 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def display_rows(distill: bool = False) -> list[str]:
+def display_rows(distill: bool = False, sources: tuple[str, ...] = ()) -> list[str]:
     """The stages in DAG order, with the shown helpers (the base model) where they run."""
     from flows.stages import SHOWN_HELPERS, stages_for
 
     rows: list[str] = []
-    for stage in stages_for(distill):
+    for stage in stages_for(distill, sources):
         rows.append(stage)
         rows.extend(h for h, after in SHOWN_HELPERS.items() if after == stage)
     return rows
@@ -184,18 +184,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(config_path, args.set)  # fail fast, before Prefect starts
-        source_kind(cfg.data.source)  # a missing data file, in a second rather than a minute
+        # A missing data file, in a second rather than a minute.
+        for spec in cfg.data.sources or [cfg.data]:
+            source_kind(spec.source)
     except (ConfigError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from flows.stages import ALL_STAGES
+    from flows.stages import is_stage
     from instructflow import progress
 
     if not use_workspace_prefect_server(console):
         return 1
 
-    rows = display_rows(cfg.distill.enabled)
+    rows = display_rows(cfg.distill.enabled, tuple(s.name for s in cfg.data.sources))
     view = RunView(console, live=console.is_terminal and not args.plain, rows=rows)
     progress.subscribe(view)
     error: str | None = None
@@ -231,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if state == "Failed" and code == 130:
             state = "Interrupted"
         view.rows[name]["state"] = state
-        (stages if name in ALL_STAGES else helpers)[name] = {
+        (stages if is_stage(name) else helpers)[name] = {
             "state": state,
             "seconds": row.get("seconds", 0.0),
             "artifact_digest": row.get("artifact_digest"),

@@ -115,7 +115,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(Section):
+class SourceSpec(Section):
+    """Where one dataset comes from: what the download stage's key covers."""
+
     # A local file/folder, an http(s) URL, a hub dataset id, or "builtin:demo".
     source: Text = "builtin:demo"
     hub_split: Text = "train"
@@ -139,10 +141,69 @@ class DataConfig(Section):
             raise PydanticCustomError("sha256", "must be 64 hex digits (a sha256 digest)")
         return value
 
+    def spec(self) -> SourceSpec:
+        """Only the download knobs (a mix knob must not re-run any download)."""
+        return SourceSpec(**{k: getattr(self, k) for k in SourceSpec.model_fields})
+
+
+FORMATS = Literal["auto", "alpaca", "sharegpt", "openai", "self_instruct", "mapping"]
+SOURCE_NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+
+
+class SourceConfig(SourceSpec):
+    """One of several datasets (`data.sources`), downloaded and validated on its own and
+    mixed with the others by weight (tasks/mix.py)."""
+
+    name: Annotated[str, Field(pattern=SOURCE_NAME)]
+    # Relative weight in the mix (null: in proportion to its rows, i.e. all of them).
+    weight: Float | None = Field(default=None, gt=0, le=1e6)
+    # Rows taken from this source at most (a seeded sample when it has more).
+    max_rows: Int | None = Field(default=None, ge=1, le=10**9)
+    # This source's format and field mapping (null: validate.format / validate.field_mapping).
+    format: FORMATS | None = None
+    field_mapping: dict[Text, Text] | None = None
+
+    def validate_config(self, base: ValidateConfig) -> ValidateConfig:
+        update = {"format": self.format} if self.format else {}
+        if self.field_mapping is not None:
+            update["field_mapping"] = self.field_mapping
+        return base.model_copy(update=update)
+
+
+class MixConfig(Section):
+    """How `data.sources` are mixed (tasks/mix.py)."""
+
+    # Rows in the mix; null: as many as the weights allow without repeating a row (the
+    # scarcest source, relative to its weight, is used whole).
+    total_rows: Int | None = Field(default=None, ge=1, le=10**9)
+    # When total_rows asks a source for more rows than it has: false fails in one line; true
+    # repeats rows (drawn with replacement; a repeat stays in train, never in validation/test).
+    replacement: bool = False
+    seed: Seed = 0
+
+
+class DataConfig(SourceSpec):
+    # Several datasets mixed by weight; when set, `source` and its knobs above are unused.
+    sources: list[SourceConfig] = Field(default_factory=list)
+    mix: MixConfig = Field(default_factory=MixConfig)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_data(self) -> DataConfig:
+        if self.sources and "source" in self.model_fields_set:
+            raise ValueError("set data.source or data.sources, not both")
+        names = [s.name for s in self.sources]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"data.sources: names must be unique ({', '.join(twice)} twice)")
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            raise ValueError("data.sources: give every source a weight, or none")
+        return self
+
 
 class ValidateConfig(Section):
     # auto | alpaca | sharegpt | openai | self_instruct | mapping (auto: detected per file)
-    format: Literal["auto", "alpaca", "sharegpt", "openai", "self_instruct", "mapping"] = "auto"
+    format: FORMATS = "auto"
     # For format=mapping: canonical field -> source field, e.g. {instruction: instruction,
     # input: context, output: response} for Dolly. Keys other than instruction/input/output/
     # system are copied into the row's meta (e.g. {task: category}).
@@ -574,18 +635,29 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):  # data.sources.1.weight: an item of a list section
+            node = _list_item(node, part, path[: i + 1])
+            continue
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if isinstance(child, str) and part == "method":
             # `method: qlora` is shorthand for {name: qlora}: --set train.method.r=8 extends it.
             child = node[part] = {"name": child}
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
         node = child
+    if isinstance(node, list):
+        raise ConfigError(f"--set {'.'.join(path)}: give a key inside the list item")
     node[path[-1]] = value
+
+
+def _list_item(items: list[Any], index: str, path: list[str]) -> dict[str, Any]:
+    if not index.isdigit() or int(index) >= len(items) or not isinstance(items[int(index)], dict):
+        raise ConfigError(f"--set {'.'.join(path)}: no item {index} (the list has {len(items)})")
+    return items[int(index)]
 
 
 def _members(field: Any) -> list[type[BaseModel]]:

@@ -71,9 +71,11 @@ def tables(report: dict[str, Any]) -> list[Any]:
     if line:
         out.append(line)
 
-    groups = (report.get("groups") or {}).get("table") or {}
-    if groups:
-        by = report["groups"]["by"]
+    for section in ("groups", "sources"):  # per meta.task (say), per data source
+        groups = (report.get(section) or {}).get("table") or {}
+        if not groups:
+            continue
+        by = report[section]["by"]
         table = Table(title=f"exact match per {escape(by)}", title_justify="left")
         for col in (by, "rows", *(["base"] if has_base else []), "fine-tuned"):
             table.add_column(col, justify="left" if col == by else "right")

@@ -16,7 +16,7 @@ from typing import Any
 from instructflow import demo_data, sources
 from instructflow.artifacts import ArtifactRef, sha256_file, write_artifact
 from instructflow.caching import stage_task
-from instructflow.config import DataConfig
+from instructflow.config import SourceSpec
 
 SUPPORTED = (".json", ".jsonl", ".csv", ".parquet")
 
@@ -42,7 +42,7 @@ def local_files(source: str) -> list[Path]:
     return files
 
 
-def _http_validators(cfg: DataConfig) -> dict[str, str] | None:
+def _http_validators(cfg: SourceSpec) -> dict[str, str] | None:
     """ETag / Last-Modified / length from a HEAD request; None when the server gives none."""
     import httpx
 
@@ -58,7 +58,7 @@ def _http_validators(cfg: DataConfig) -> dict[str, str] | None:
     return keep if ("etag" in keep or "last-modified" in keep) else None
 
 
-def fingerprint(cfg: DataConfig) -> Any:
+def fingerprint(cfg: SourceSpec) -> Any:
     """What the source looks like right now; part of the download cache key."""
     kind = source_kind(cfg.source)
     if kind == "builtin":
@@ -80,7 +80,7 @@ def _nonce() -> str:
     return uuid.uuid4().hex
 
 
-def _hub_revision(cfg: DataConfig) -> str:
+def _hub_revision(cfg: SourceSpec) -> str:
     try:
         from huggingface_hub import HfApi
 
@@ -92,7 +92,7 @@ def _hub_revision(cfg: DataConfig) -> str:
         ) from None
 
 
-def fetch_url(cfg: DataConfig, dest: Path) -> Path:
+def fetch_url(cfg: SourceSpec, dest: Path) -> Path:
     import httpx
 
     name = Path(cfg.source.split("?", 1)[0]).name or "data.json"
@@ -137,7 +137,7 @@ def _looks_like_html(chunk: bytes) -> bool:
     return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body"))
 
 
-def fetch_hub(cfg: DataConfig, dest: Path) -> Path:
+def fetch_hub(cfg: SourceSpec, dest: Path) -> Path:
     # Asking for the revision first fails in under a second for a bad id or no network;
     # load_dataset alone retries for ~25 s first. It also pins what gets loaded.
     revision = _hub_revision(cfg)
@@ -160,7 +160,8 @@ def fetch_hub(cfg: DataConfig, dest: Path) -> Path:
     return target
 
 
-def download(cfg: DataConfig) -> ArtifactRef:
+def download(cfg: SourceSpec, stage: str = "download") -> ArtifactRef:
+    """`stage`: download/<name> for one of several `data.sources`."""
     kind = source_kind(cfg.source)
 
     def write(tmp: Path) -> dict[str, Any]:
@@ -197,7 +198,7 @@ def download(cfg: DataConfig) -> ArtifactRef:
             "summary": f"{len(files)} file(s), {total / 1e6:.2f} MB from {kind}",
         }
 
-    return write_artifact("download", write)
+    return write_artifact(stage, write)
 
 
 def data_files(ref: ArtifactRef) -> list[Path]:

@@ -243,6 +243,14 @@ def evaluate(
             metrics[f"em.{metric_key(key)}{suffix}"] = entry[f"exact_match{suffix}"]
     if groups:
         columns["group"] = [column(r, cfg.group_by) for r in rows]
+    # Several data.sources (tasks/mix.py): every figure per source too.
+    by_source = per_group(rows, "source", outputs, refs) if cfg.group_by != "source" else {}
+    for key, entry in by_source.items():
+        for suffix in outputs:
+            for figure, name in (("exact_match", "em"), ("rougeL", "rougeL")):
+                metrics[f"source.{name}.{metric_key(key)}{suffix}"] = entry[f"{figure}{suffix}"]
+    if by_source:
+        columns["source"] = [column(r, "source") for r in rows]
     if cfg.semantic_model:
         progress.notify("stage_progress", stage="evaluate", message="BERTScore")
         for suffix, outs in outputs.items():
@@ -281,6 +289,7 @@ def evaluate(
         "metrics": metrics,
         "bleu_note": bleu_note,
         "groups": {"by": cfg.group_by, "table": groups},
+        "sources": {"by": "source", "table": by_source},
         "showcase": showcase(rows, cfg.group_by if groups else None, ft_out, base_out),
         "judge": {
             **params,
@@ -300,6 +309,7 @@ def evaluate(
         tables = [{"file": "examples.json", "artifact_file": "evaluate/examples.json"}]
         extra = {
             "groups.json": [{"group": key, **entry} for key, entry in groups.items()],
+            "sources.json": [{"source": key, **entry} for key, entry in by_source.items()],
             "judge_calibration.json": verdicts.calibration.get("table") or [],
             **suite_tables,
         }

@@ -121,7 +121,8 @@ def split_rows(rows: list[dict[str, Any]], cfg: SplitConfig) -> tuple[dict[str, 
     augmented_dropped = 0
     for r in rows:
         name = where[r.get("group") or r["id"]]
-        if name != "train" and r.get("augmented_from"):
+        # Augmented rows and a mix's repeats are copies of a row: never evaluated on.
+        if name != "train" and (r.get("augmented_from") or r.get("repeat_of")):
             augmented_dropped += 1
             continue
         out[name].append(r)
@@ -141,6 +142,10 @@ def split_rows(rows: list[dict[str, Any]], cfg: SplitConfig) -> tuple[dict[str, 
         "decontaminated": len(dropped),
         "decontaminated_ids": [r["id"] for r in dropped][:1000],
     }
+    if any(r.get("source") for r in rows):  # several data.sources: the counts per source
+        report["sources"] = {
+            name: dict(Counter(r.get("source", "") for r in out[name])) for name in SPLITS
+        }
     if cfg.stratify_by:
         report["strata"] = {
             name: dict(Counter(column(r, cfg.stratify_by) for r in out[name])) for name in SPLITS
@@ -166,6 +171,11 @@ def split(augmented: ArtifactRef, cfg: SplitConfig) -> ArtifactRef:
                 "groups": report["groups"],
                 "decontaminated": report["decontaminated"],
                 "augmented_dropped_from_eval": report["augmented_dropped_from_eval"],
+                **{
+                    f"{source}.rows_{name}": count
+                    for name, counts in report.get("sources", {}).items()
+                    for source, count in counts.items()
+                },
             },
             "log_files": ["report.json"],
             "datasets": [

@@ -30,7 +30,9 @@ DUPLICATE_REASONS = ("duplicate", "near_duplicate")
 _CLIP_CHARS = 2000
 
 
-def validate(raw: ArtifactRef, cfg: ValidateConfig) -> ArtifactRef:
+def validate(raw: ArtifactRef, cfg: ValidateConfig, stage: str = "validate") -> ArtifactRef:
+    """`stage`: validate/<name> for one of several `data.sources`; its clean rows are then
+    also an MLflow dataset input of that name."""
     root = raw.dir / "data"
     files = data_files(raw)
     if not files:
@@ -54,9 +56,14 @@ def validate(raw: ArtifactRef, cfg: ValidateConfig) -> ArtifactRef:
             "params": {"formats": ",".join(sorted({s["format"] for s in stats.values()}))},
             "log_files": ["report.json", "rejects.jsonl", "length_hist.png", "clean.jsonl"],
             "summary": _summary(report),
+            "datasets": [
+                {"file": "clean.jsonl", "name": stage.split("/", 1)[1], "context": "source"}
+            ]
+            if "/" in stage
+            else [],
         }
 
-    return write_artifact("validate", write)
+    return write_artifact(stage, write)
 
 
 # -- parse + map + per-row checks ------------------------------------------------------------
