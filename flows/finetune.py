@@ -4,6 +4,7 @@ download -> validate -> augment -> split -> tokenize -> train -> evaluate -> reg
                                tokenizer (helper) --^  base model (helper) --^--------^
 With several data.sources, per source download/<name> -> validate/<name>, then
     mix (all sources, by weight) -> augment -> ...
+With synthesize.enabled: augment -> synthesize (LLM-made rows) -> split.
 With distill.enabled, after evaluate (student base: a helper):
     teacher_logits -> distill (student) --------> distill_report -> register_student
                   \-> distill_baseline (alpha 0) --^
@@ -25,6 +26,7 @@ from tasks.evaluate import evaluate_task
 from tasks.mix import mix_plan, mix_task
 from tasks.register import register_task
 from tasks.split import split_task
+from tasks.synthesize import synthesize_task
 from tasks.teacher_logits import teacher_logits_task
 from tasks.tokenize import tokenize_task
 from tasks.train import train_task
@@ -40,7 +42,8 @@ def finetune(
     cfg = load_config(config_path, overrides)
     kd = cfg.distill
     names = tuple(s.name for s in cfg.data.sources)
-    with PipelineRun(cfg, config_path, until, stages_for(kd.enabled, names)) as run:
+    stages = stages_for(kd.enabled, names, cfg.synthesize.enabled)
+    with PipelineRun(cfg, config_path, until, stages) as run:
         if cfg.data.sources:
             validated = {}
             for src in cfg.data.sources:
@@ -56,6 +59,8 @@ def finetune(
             raw = run.stage(download_task, cfg.data.spec())
             clean = run.stage(validate_task, raw, cfg.validate_)
         augmented = run.stage(augment_task, clean, cfg.augment)
+        if cfg.synthesize.enabled:
+            augmented = run.stage(synthesize_task, augmented, cfg.synthesize, cfg.validate_)
         splits = run.stage(split_task, augmented, cfg.split)
         tokenizer = run.helper(tokenizer_task, cfg.model)
         tokenized = run.stage(tokenize_task, splits, tokenizer, cfg.tokenize)

@@ -20,7 +20,9 @@ DISTILL_STAGES = ("teacher_logits", "distill", "distill_baseline", "distill_repo
 ALL_STAGES = (
     *STAGES[:2],
     "mix",
-    *STAGES[2:-1],
+    "augment",
+    "synthesize",
+    *STAGES[3:-1],
     *DISTILL_STAGES,
     "register",
     "register_student",
@@ -29,12 +31,18 @@ ALL_STAGES = (
 SHOWN_HELPERS = {"base_model": "tokenize", "student_base": "teacher_logits"}
 
 
-def stages_for(distill: bool, sources: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The stages a run goes through: the default DAG, with distillation, and with several
-    `data.sources` (download/<name> and validate/<name> per source, then mix)."""
-    stages = ALL_STAGES if distill else (*STAGES[:2], "mix", *STAGES[2:])
+def stages_for(
+    distill: bool, sources: tuple[str, ...] = (), synthesize: bool = False
+) -> tuple[str, ...]:
+    """The stages a run goes through: the default DAG, with distillation, with several
+    `data.sources` (download/<name> and validate/<name> per source, then mix) and with
+    model-made rows (synthesize)."""
+    optional = {"mix": bool(sources), "synthesize": synthesize}
+    if not distill:
+        optional.update({s: False for s in (*DISTILL_STAGES, "register_student")})
+    stages = tuple(s for s in ALL_STAGES if optional.get(s, True))
     if not sources:
-        return tuple(s for s in stages if s != "mix")
+        return stages
     per_source = tuple(f"{stage}/{name}" for name in sources for stage in STAGES[:2])
     return (*per_source, *stages[2:])
 

@@ -25,12 +25,14 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def display_rows(distill: bool = False, sources: tuple[str, ...] = ()) -> list[str]:
+def display_rows(
+    distill: bool = False, sources: tuple[str, ...] = (), synthesize: bool = False
+) -> list[str]:
     """The stages in DAG order, with the shown helpers (the base model) where they run."""
     from flows.stages import SHOWN_HELPERS, stages_for
 
     rows: list[str] = []
-    for stage in stages_for(distill, sources):
+    for stage in stages_for(distill, sources, synthesize):
         rows.append(stage)
         rows.extend(h for h, after in SHOWN_HELPERS.items() if after == stage)
     return rows
@@ -197,7 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not use_workspace_prefect_server(console):
         return 1
 
-    rows = display_rows(cfg.distill.enabled, tuple(s.name for s in cfg.data.sources))
+    names = tuple(s.name for s in cfg.data.sources)
+    rows = display_rows(cfg.distill.enabled, names, cfg.synthesize.enabled)
     view = RunView(console, live=console.is_terminal and not args.plain, rows=rows)
     progress.subscribe(view)
     error: str | None = None

@@ -243,6 +243,64 @@ class AugmentConfig(Section):
     seed: Seed = 0
 
 
+class LLMConfig(Section):
+    """The LLM that makes data (tasks/synthesize.py), through the judge's backends."""
+
+    # openai: any OpenAI-compatible /v1/chat/completions endpoint (Ollama, vLLM, OpenAI,
+    # `instructflow serve`); hf: a local causal LM (hub id, directory, models:/ URI, builtin).
+    backend: Literal["openai", "hf"] = "openai"
+    base_url: OptionalText = None
+    model: OptionalText = None
+    # The NAME of the environment variable holding the key; the key itself is never stored.
+    api_key_env: OptionalText = None
+    hf_model: Text = "builtin:tiny"
+    timeout_s: Float = Field(default=60.0, gt=0, le=DAY_S)
+    max_concurrency: Int = Field(default=4, ge=1, le=256)
+    max_retries: Int = Field(default=3, ge=0, le=100)
+    temperature: Float = Field(default=0.7, ge=0, le=2)
+    max_tokens: Int = Field(default=256, ge=1, le=32_768)
+    seed: Seed = 0
+
+
+SYNTHESIS_METHODS = Literal["paraphrase", "back_translation", "self_instruct", "evol_instruct"]
+
+
+class SynthesizeConfig(Section):
+    """Model-made rows (tasks/synthesize.py), after augment; off unless enabled."""
+
+    enabled: bool = False
+    methods: list[SYNTHESIS_METHODS] = Field(default_factory=lambda: ["paraphrase"])
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    # Share of the (original) rows each rewriting method starts from.
+    fraction: Float = Field(default=0.1, ge=0, le=1)
+    # Rows kept per method at most (self_instruct: how many it tries to make).
+    max_rows: Int = Field(default=100, ge=0, le=MAX_COUNT)
+    # Requests sent per run (cached replies are free); reaching it fails the stage, and the
+    # next run continues from the cached replies.
+    max_calls: Int = Field(default=2000, ge=1, le=MAX_COUNT)
+    # A rewrite whose ROUGE-L F1 to its parent instruction is below min_rougeL (meaning
+    # lost) or at/above max_rougeL (nothing new) is dropped.
+    min_rougeL: Float = Field(default=0.2, ge=0, le=1)
+    max_rougeL: Float = Field(default=0.9, ge=0, le=1)
+    # self_instruct / evol_instruct: kept only below this ROUGE-L to every other instruction
+    # (the Self-Instruct recipe's 0.7).
+    novelty_rougeL: Float = Field(default=0.7, ge=0, le=1)
+    pivot_language: Text = "French"
+    back_translate_output: bool = False
+    # self_instruct: example tasks shown per request.
+    seed_tasks: Int = Field(default=3, ge=1, le=20)
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _usable(self) -> SynthesizeConfig:
+        if self.min_rougeL >= self.max_rougeL:
+            raise ValueError("min_rougeL must be below max_rougeL")
+        llm = self.llm
+        if self.enabled and llm.backend == "openai" and not (llm.base_url and llm.model):
+            raise ValueError("llm.backend=openai needs llm.base_url and llm.model")
+        return self
+
+
 class SplitConfig(Section):
     train: Float = Field(default=0.85, gt=0, lt=1)
     validation: Float = Field(default=0.10, ge=0, lt=1)
@@ -591,6 +649,7 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

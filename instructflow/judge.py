@@ -13,28 +13,24 @@ the means. Replies are cached under `<workspace>/judge_cache/` by (prompt hash, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import random
-import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from instructflow import judge_prompts as P
-from instructflow import workspace
 from instructflow.config import JudgeConfig
+from instructflow.llm import ChatClient, LLMError, ReplyCache, public_url
 
 log = logging.getLogger("instructflow.judge")
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# Sampling parameters of every judge request (greedy: a verdict must not be a dice roll).
+JUDGE_PARAMS = {"temperature": 0, "max_tokens": 256}
 
 
-class JudgeError(RuntimeError):
+class JudgeError(LLMError):
     """A judge that cannot run at all (bad config, missing key); one-line message."""
 
 
@@ -61,16 +57,6 @@ class JudgeResult:
     usable: bool = False
     status: str = ""
     calibration: dict[str, Any] = field(default_factory=dict)
-
-
-def public_url(url: str | None) -> str | None:
-    """The endpoint without credentials or query string (safe to log)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def judge_params(cfg: JudgeConfig) -> dict[str, Any]:
@@ -121,109 +107,31 @@ def parse_pairwise(reply: str) -> Verdict | None:
     return Verdict("tie" if w == "tie" else w.upper(), str(obj.get("rationale", "")))
 
 
-# -- cache ------------------------------------------------------------------------------------
-class ReplyCache:
-    def __init__(self, model_id: str):
-        self.root = workspace.home() / "judge_cache"
-        self.model_id = model_id
-
-    def key(self, messages: list[dict[str, str]], seed: int) -> str:
-        blob = json.dumps({"model": self.model_id, "messages": messages, "seed": seed})
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def get(self, key: str) -> str | None:
-        path = self.root / key[:2] / f"{key}.json"
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))["reply"]
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def put(self, key: str, reply: str) -> None:
-        path = self.root / key[:2] / f"{key}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"model": self.model_id, "reply": reply}), encoding="utf-8")
-        os.replace(tmp, path)
-
-
 # -- backends ---------------------------------------------------------------------------------
 class OpenAIBackend:
     def __init__(self, cfg: JudgeConfig):
-        import httpx
-
         if not cfg.base_url or not cfg.model:
             raise JudgeError("judge.backend=openai needs judge.base_url and judge.model")
-        headers = {}
-        if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
-            if not key:
-                raise JudgeError(
-                    f"judge.api_key_env: environment variable {cfg.api_key_env} is unset"
-                )
-            headers["Authorization"] = f"Bearer {key}"
+        if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+            raise JudgeError(f"judge.api_key_env: environment variable {cfg.api_key_env} is unset")
         self.cfg = cfg
-        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
-        self.client = httpx.Client(timeout=httpx.Timeout(cfg.timeout_s), headers=headers)
-        self.cache = ReplyCache(cfg.model)
-        self.unreachable: str | None = None
-        self.requests = 0  # HTTP requests actually sent (cache misses)
-        self._lock = threading.Lock()
+        self.client = ChatClient(
+            cfg.base_url,
+            cfg.model,
+            api_key_env=cfg.api_key_env,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            seed=cfg.seed,
+            params=JUDGE_PARAMS,
+            cache=ReplyCache(cfg.model),
+            what="judge endpoint",
+        )
 
     def close(self) -> None:
         self.client.close()
 
     def chat(self, messages: list[dict[str, str]]) -> str:
-        key = self.cache.key(messages, self.cfg.seed)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        reply = self._post(messages)
-        self.cache.put(key, reply)
-        return reply
-
-    def _post(self, messages: list[dict[str, str]]) -> str:
-        import httpx
-
-        body = {
-            "model": self.cfg.model,
-            "messages": messages,
-            "temperature": 0,
-            "seed": self.cfg.seed,
-            "max_tokens": 256,
-        }
-        where = public_url(self.url)
-        error = "no attempt"
-        for attempt in range(self.cfg.max_retries + 1):
-            if self.unreachable:
-                raise JudgeError(self.unreachable)
-            if attempt:
-                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0) * (1 + random.random() / 4))
-            try:
-                with self._lock:
-                    self.requests += 1
-                resp = self.client.post(self.url, json=body)
-            except httpx.ConnectError:
-                error = f"judge endpoint {where} is unreachable (connection refused or no route)"
-                continue
-            except httpx.TimeoutException:
-                error = f"judge endpoint {where} timed out after {self.cfg.timeout_s:g}s"
-                continue
-            except httpx.HTTPError as exc:
-                error = f"judge endpoint {where}: {type(exc).__name__}"
-                continue
-            if resp.status_code in _RETRY_STATUS:
-                error = f"judge endpoint {where}: HTTP {resp.status_code}"
-                continue
-            if resp.status_code >= 400:
-                raise JudgeError(f"judge endpoint {where}: HTTP {resp.status_code}")
-            try:
-                return resp.json()["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise JudgeError(f"judge endpoint {where}: not a chat-completions reply") from None
-        if "unreachable" in error:
-            # Stop every other request at once instead of retrying each against a dead host.
-            self.unreachable = error
-        raise JudgeError(error)
+        return self.client.chat(messages)
 
     def _ask(self, prompt: str, parse: Callable[[str], Verdict | None]) -> Verdict:
         messages = [{"role": "system", "content": P.SYSTEM}, {"role": "user", "content": prompt}]
@@ -235,7 +143,7 @@ class OpenAIBackend:
                 retry.append({"role": "user", "content": P.RETRY})
                 reply = self.chat(retry)
                 verdict = parse(reply)
-        except JudgeError as exc:
+        except LLMError as exc:
             return Verdict(failed=True, rationale=str(exc))
         if verdict is None:
             return Verdict(failed=True, rationale=f"unparsable judge reply: {reply[:120]!r}")

@@ -9,6 +9,7 @@ import json
 import pytest
 import yaml
 
+from instructflow import workspace
 from instructflow.config import ConfigError, MixConfig, ValidateConfig, load_config
 from tasks.download import download
 from tasks.mix import MixError, draw, mix, plan_counts
@@ -125,7 +126,7 @@ def test_config_names_sources_once(tmp_path):
         load_config(str(path), ["data.source=c.json"])
 
 
-def _mix_config(path, shared, weight_b: float) -> str:
+def _mix_config(path, shared, weight_b: float, llm_url: str) -> str:
     sources = [
         {
             "name": "alpaca",
@@ -141,7 +142,14 @@ def _mix_config(path, shared, weight_b: float) -> str:
             "max_rows": 60,
         },
     ]
-    path.write_text(yaml.safe_dump({"data": {"sources": sources}}))
+    synthesize = {
+        "enabled": True,
+        "methods": ["back_translation", "self_instruct"],
+        "fraction": 0.1,
+        "max_rows": 4,
+        "llm": {"base_url": llm_url, "model": "scripted", "max_retries": 0},
+    }
+    path.write_text(yaml.safe_dump({"data": {"sources": sources}, "synthesize": synthesize}))
     return str(path)
 
 
@@ -161,20 +169,31 @@ FAST = [
 ]
 
 
+@pytest.fixture
+def llm_stub():
+    from llm_stub import LLMStub
+
+    server = LLMStub()
+    yield server
+    server.close()
+
+
 @pytest.mark.slow
-def test_two_sources_in_the_flow_and_a_weight_change_reruns_only_the_mix_onwards(
-    home, shared_datasets, tmp_path
+def test_two_sources_and_made_rows_in_the_flow_and_a_weight_change_reruns_only_the_mix_onwards(
+    home, shared_datasets, tmp_path, llm_stub
 ):
+    """The issue's acceptance run: two shared datasets mixed by weight, plus back-translation
+    and self-instruct against a local OpenAI-compatible endpoint, through evaluate."""
     from mlflow.tracking import MlflowClient
 
     from flows.run import run_finetune
 
-    config = _mix_config(tmp_path / "mix.yaml", shared_datasets, 1.0)
+    config = _mix_config(tmp_path / "mix.yaml", shared_datasets, 1.0, llm_stub.url)
     first = run_finetune(config, [*FAST, "split.seed=3"], "evaluate")
     states = {k: v["state"] for k, v in first["stages"].items()}
     per_source = ("download/alpaca", "validate/alpaca", "download/scratch", "validate/scratch")
-    assert list(states)[:5] == [*per_source, "mix"]
-    assert all(states[s] == "Completed" for s in (*per_source, "mix", "split", "evaluate"))
+    assert list(states)[:7] == [*per_source, "mix", "augment", "synthesize"]
+    assert all(states[s] == "Completed" for s in (*per_source, "mix", "synthesize", "evaluate"))
 
     run = MlflowClient().get_run(first["mlflow_run_id"])
     m = run.data.metrics
@@ -188,12 +207,22 @@ def test_two_sources_in_the_flow_and_a_weight_change_reruns_only_the_mix_onwards
     assert f["split/alpaca/rows_test"] > 0 and f["split/scratch/rows_test"] > 0
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert {"alpaca", "scratch", "train", "test"} <= set(inputs)
+    # The synthesis counts: 12 parents (10 % of 120) capped at 4; self_instruct up to 4 kept.
+    assert m["synthesize/back_translation/made"] == 4
+    assert m["synthesize/self_instruct/kept"] >= 1 and m["synthesize/self_instruct/made"] >= 1
+    assert f["synthesize/requests_sent"] == len(llm_stub.requests) > 0
+    split_dir = workspace.artifacts_dir() / "split" / first["stages"]["split"]["artifact_digest"]
+    for name, made_allowed in (("train", True), ("validation", False), ("test", False)):
+        rows = [json.loads(x) for x in open(split_dir / f"{name}.jsonl", encoding="utf-8")]
+        made = [r for r in rows if "synthesis" in (r.get("meta") or {})]
+        assert bool(made) == made_allowed, name
 
     # Half the weight for scratch: 60 alpaca + 30 scratch. Only the mix and after re-run.
-    config = _mix_config(tmp_path / "mix.yaml", shared_datasets, 0.5)
+    config = _mix_config(tmp_path / "mix.yaml", shared_datasets, 0.5, llm_stub.url)
     second = run_finetune(config, [*FAST, "split.seed=3"], "split")
     states = {k: v["state"] for k, v in second["stages"].items()}
     assert {states[s] for s in per_source} == {"Cached"}
-    assert states["mix"] == states["augment"] == states["split"] == "Completed"
+    assert states["mix"] == states["augment"] == states["synthesize"] == "Completed"
+    assert states["split"] == "Completed"
     m2 = MlflowClient().get_run(second["mlflow_run_id"]).data.metrics
     assert (m2["mix/alpaca/rows"], m2["mix/scratch/rows"]) == (60, 30)

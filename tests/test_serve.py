@@ -102,8 +102,8 @@ def test_serve_answers_openai_requests_and_the_judge_runs_against_it(served, hom
     ]
     direct = httpx.post(
         f"{url}/v1/chat/completions",
-        json={"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 256},
+        json={"model": "tiny", "messages": messages, **judge.JUDGE_PARAMS},
         timeout=60,
     ).json()["choices"][0]["message"]["content"]
-    key = judge.ReplyCache("tiny").key(messages, cfg.seed)
+    key = judge.ReplyCache("tiny").key(messages, cfg.seed, judge.JUDGE_PARAMS)
     assert judge.ReplyCache("tiny").get(key) == direct
