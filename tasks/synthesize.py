@@ -167,7 +167,7 @@ def made_row(
     """(row, None) or (None, drop reason): the validate stage's mapping and rules."""
     (item,) = formats.to_canonical(triple, "alpaca", {}, vcfg.input_placeholders)
     if isinstance(item, formats.RowReject):
-        return None, f"invalid: {item.reason}"
+        return None, f"invalid_{item.reason}"
     parent = parents[0]
     blob = json.dumps([method, triple], ensure_ascii=False).encode()
     row = {
@@ -191,7 +191,7 @@ def made_row(
     if row["source"] is None:
         row.pop("source")
     problem = quality_problem(row, vcfg)
-    return (None, f"invalid: {problem[0]}") if problem else (row, None)
+    return (None, f"invalid_{problem[0]}") if problem else (row, None)
 
 
 class Maker:

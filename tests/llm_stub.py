@@ -8,13 +8,15 @@
 - evolve: the instruction + " Explain your reasoning step by step."; its answer: "Because
   <instruction>".
 - self_instruct: by the request's seed (attempt number): SELF_INSTRUCT_REPLIES[seed % n].
-`die_after`: after that many answered requests the server stops (an endpoint that dies).
+`die_after`: after that many answered requests the server stops (an endpoint that dies);
+`delay`: seconds before each answer.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -37,9 +39,10 @@ def _lower_first(text: str) -> str:
 
 
 class LLMStub:
-    def __init__(self, die_after: int | None = None):
+    def __init__(self, die_after: int | None = None, delay: float = 0.0):
         self.requests: list[dict] = []
         self.die_after = die_after
+        self.delay = delay
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +52,7 @@ class LLMStub:
                     self.close_connection = True
                     threading.Thread(target=stub.close, daemon=True).start()
                     return
+                time.sleep(stub.delay)
                 stub.requests.append({"auth": self.headers.get("Authorization"), "body": body})
                 content = stub.reply(body)
                 data = json.dumps({"choices": [{"message": {"content": content}}]}).encode()

@@ -7,6 +7,7 @@ continues from the cached replies), and `instructflow serve` with the built-in m
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from llm_stub import LLMStub
@@ -111,7 +112,7 @@ def test_every_method_against_a_scripted_endpoint(rows_ref, stub):
         "made": 6,
         "kept": 3,
         "dropped.unparsable": 1,
-        "dropped.invalid: empty_output": 1,
+        "dropped.invalid_empty_output": 1,
         "dropped.not_novel": 1,
     }
     assert [r["instruction"] for r in by_method["self_instruct"]] == [
@@ -132,6 +133,9 @@ def test_every_method_against_a_scripted_endpoint(rows_ref, stub):
         assert row["output"] == f"Because {row['instruction']}"
     assert all(r["instruction"].startswith("Would you ") for r in by_method["back_translation"])
     assert ref.meta["metrics"]["self_instruct.kept"] == 3
+    assert ref.meta["metrics"]["self_instruct.dropped.invalid_empty_output"] == 1
+    # Every count is a valid MLflow metric name (letters, digits, _ - . / and spaces).
+    assert all(re.fullmatch(r"[\w\-./ ]+", k) for k in ref.meta["metrics"])
     sent = ref.meta["figures"]["requests_sent"]
     # paraphrase 3 + back-translation 2 x 3 + evol 2 x 3 + self_instruct 6.
     assert sent == len(stub.requests) == 3 + 6 + 6 + 6
@@ -265,3 +269,46 @@ def test_a_local_hf_model_makes_rows_in_process_and_caches_its_replies(rows_ref)
     assert 3 < sent <= 6 and ref.meta["params"]["model"] == "builtin:tiny"
     assert len(list((rows_ref.dir.parents[2] / "llm_cache").rglob("*.json"))) == sent
     assert synthesize(rows_ref, cfg, ValidateConfig()).digest == ref.digest
+
+
+def test_a_killed_run_resumes_from_the_replies_it_had(rows_ref, home):
+    """SIGKILL the process in the middle of synthesizing; the next run sends only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow = LLMStub(delay=0.3)
+    try:
+        cfg = _cfg(slow.url, methods=["paraphrase"])
+        cfg = cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"max_concurrency": 1})})
+        script = (
+            "import sys, json\n"
+            "from instructflow.artifacts import ArtifactRef\n"
+            "from instructflow.config import SynthesizeConfig, ValidateConfig\n"
+            "from tasks.synthesize import synthesize\n"
+            "ref = ArtifactRef(**json.loads(sys.argv[1]))\n"
+            "synthesize(ref, SynthesizeConfig(**json.loads(sys.argv[2])), ValidateConfig())\n"
+        )
+        ref_json = json.dumps(
+            {"stage": rows_ref.stage, "path": rows_ref.path, "digest": rows_ref.digest}
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, ref_json, cfg.model_dump_json()],
+            env={**os.environ, "INSTRUCTFLOW_HOME": str(home)},
+        )
+        deadline = time.monotonic() + 120
+        while len(slow.requests) < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        answered = len(slow.requests)
+        assert 4 <= answered < 10, answered
+        time.sleep(0.5)  # a reply in flight when the process died is not cached
+        cached = len(list((home / "llm_cache").rglob("*.json")))
+        ref = synthesize(rows_ref, cfg, ValidateConfig())
+        assert ref.meta["figures"]["requests_sent"] == 10 - cached
+        assert len(_made(ref)) == 8
+    finally:
+        slow.close()
