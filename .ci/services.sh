@@ -44,4 +44,18 @@ _instructflow_start_postgres() {
   echo "services: PostgreSQL at $INSTRUCTFLOW_TEST_POSTGRES_URI (stop: $bindir/pg_ctl -D $dir/data stop)" >&2
 }
 
+_instructflow_stop_postgres() {
+  [ -n "${INSTRUCTFLOW_TEST_POSTGRES_DIR:-}" ] || return 0
+  local pg_ctl
+  pg_ctl=$(ls /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | sort -V | tail -n 1)
+  if [ "$(id -u)" = "0" ]; then
+    runuser -u postgres -- "$pg_ctl" -D "$INSTRUCTFLOW_TEST_POSTGRES_DIR/data" -m fast stop >/dev/null 2>&1 || true
+  else
+    "$pg_ctl" -D "$INSTRUCTFLOW_TEST_POSTGRES_DIR/data" -m fast stop >/dev/null 2>&1 || true
+  fi
+  rm -rf "$INSTRUCTFLOW_TEST_POSTGRES_DIR" || true
+}
+
 _instructflow_start_postgres || echo "services: PostgreSQL not started; its tests will be skipped" >&2
+# The cluster goes when the shell that sourced this exits (.ci/run), pass or fail.
+trap _instructflow_stop_postgres EXIT
