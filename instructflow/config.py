@@ -222,6 +222,9 @@ class ValidateConfig(Section):
     drop_exact_duplicates: bool = True
     # TF-IDF char 5-gram cosine similarity at or above which a later row is dropped; null: off.
     near_duplicate_threshold: Float | None = Field(default=0.95, ge=0, le=1)
+    # From this many rows on, near-duplicate candidates come from MinHash + LSH (linear)
+    # instead of the exact search (quadratic); null: always exact.
+    lsh_min_rows: Int | None = Field(default=50_000, ge=2, le=10**10)
     # Fail when a file's invalid rows (duplicates not counted) exceed this fraction.
     max_reject_fraction: Float = Field(default=0.5, ge=0, le=1)
 
@@ -309,6 +312,8 @@ class SplitConfig(Section):
     stratify_by: OptionalText = None
     decontaminate: bool = True
     decontamination_threshold: Float = Field(default=0.9, ge=0, le=1)
+    # As validate.lsh_min_rows, for decontamination (rows of all splits together).
+    lsh_min_rows: Int | None = Field(default=50_000, ge=2, le=10**10)
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitConfig:

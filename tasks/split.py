@@ -21,6 +21,7 @@ from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import SplitConfig
 from instructflow.rows import column, read_jsonl, write_jsonl
+from tasks.validate import near_duplicate_method, pair_cosines
 
 SPLITS = ("train", "validation", "test")
 
@@ -83,25 +84,41 @@ def assign_groups(
 
 
 def decontaminate(
-    train: list[dict[str, Any]], held_out: list[dict[str, Any]], threshold: float
+    train: list[dict[str, Any]],
+    held_out: list[dict[str, Any]],
+    threshold: float,
+    lsh_min_rows: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(kept, dropped) training rows; dropped ones are near-duplicates of a held-out prompt."""
+    """(kept, dropped) training rows; dropped ones are near-duplicates of a held-out prompt.
+    Exact (every train row against every held-out row) below `lsh_min_rows` rows in all;
+    from there on only MinHash + LSH candidates are scored (tasks/validate.near_duplicates)."""
     if not train or not held_out:
         return train, []
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), lowercase=True)
     vec.fit([prompt_text(r) for r in held_out + train])
-    ref = vec.transform([prompt_text(r) for r in held_out]).T.tocsc()
-    cand = vec.transform([prompt_text(r) for r in train])
+    cand = vec.transform([prompt_text(r) for r in train]).tocsr()
     best = np.zeros(len(train))
+    if near_duplicate_method(len(train) + len(held_out), lsh_min_rows) == "minhash_lsh":
+        from instructflow import minhash
+
+        ref_rows = vec.transform([prompt_text(r) for r in held_out]).tocsr()
+        sig = minhash.signatures([prompt_text(r) for r in train + held_out])
+        t, h = minhash.query_pairs(sig[: len(train)], sig[len(train) :])
+        np.maximum.at(best, t, pair_cosines(cand, ref_rows, t, h))
+        return _apart(train, best >= threshold)
+    ref = vec.transform([prompt_text(r) for r in held_out]).T.tocsc()
     # Chunks keep the sparse similarity products small on 10^4 x 10^3 inputs.
     for start in range(0, len(train), 2000):
         sims = (cand[start : start + 2000] @ ref).max(axis=1)
         best[start : start + 2000] = sims.toarray().ravel()
-    drop = best >= threshold
-    kept = [r for r, d in zip(train, drop, strict=True) if not d]
-    dropped = [r for r, d in zip(train, drop, strict=True) if d]
+    return _apart(train, best >= threshold)
+
+
+def _apart(rows: list[dict[str, Any]], drop: np.ndarray) -> tuple[list, list]:
+    kept = [r for r, d in zip(rows, drop, strict=True) if not d]
+    dropped = [r for r, d in zip(rows, drop, strict=True) if d]
     return kept, dropped
 
 
@@ -129,7 +146,9 @@ def split_rows(rows: list[dict[str, Any]], cfg: SplitConfig) -> tuple[dict[str, 
     dropped: list[dict[str, Any]] = []
     if cfg.decontaminate:
         held = out["validation"] + out["test"]
-        out["train"], dropped = decontaminate(out["train"], held, cfg.decontamination_threshold)
+        out["train"], dropped = decontaminate(
+            out["train"], held, cfg.decontamination_threshold, cfg.lsh_min_rows
+        )
     if not out["train"]:
         raise SplitError("no training rows left after decontamination")
     report = {
@@ -140,6 +159,9 @@ def split_rows(rows: list[dict[str, Any]], cfg: SplitConfig) -> tuple[dict[str, 
         "stratified": bool(strata is not None and stratified),
         "augmented_dropped_from_eval": augmented_dropped,
         "decontaminated": len(dropped),
+        "decontamination_method": near_duplicate_method(len(rows), cfg.lsh_min_rows)
+        if cfg.decontaminate
+        else None,
         "decontaminated_ids": [r["id"] for r in dropped][:1000],
     }
     if any(r.get("source") for r in rows):  # several data.sources: the counts per source

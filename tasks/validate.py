@@ -38,12 +38,12 @@ def validate(raw: ArtifactRef, cfg: ValidateConfig, stage: str = "validate") -> 
     if not files:
         raise DataError(f"{raw.dir}: the download artifact holds no data files")
     rows, rejects, file_info = collect(files, root, cfg)
-    rows = deduplicate(rows, rejects, cfg)
+    rows, method = deduplicate(rows, rejects, cfg)
     stats = _file_stats(file_info, rows, rejects)
     check(stats, cfg)
     rows_in = sum(s["rows_in"] for s in stats.values())
     assert rows_in == len(rows) + len(rejects), "validate lost rows"
-    report = build_report(stats, rows, rejects)
+    report = {**build_report(stats, rows, rejects), "near_duplicate_method": method}
 
     def write(tmp: Path) -> dict[str, Any]:
         write_jsonl(tmp / "clean.jsonl", rows)
@@ -148,8 +148,9 @@ def _full_text(row: dict[str, Any]) -> str:
 
 def deduplicate(
     rows: list[dict[str, Any]], rejects: list[Reject], cfg: ValidateConfig
-) -> list[dict[str, Any]]:
-    """Keep the first of each exact (then near-) duplicate; the others become rejects."""
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Keep the first of each exact (then near-) duplicate; the others become rejects.
+    Also returns how near-duplicates were searched (None: not at all)."""
     texts = [_full_text(r) for r in rows]
     if cfg.drop_exact_duplicates:
         first: dict[str, int] = {}
@@ -161,12 +162,14 @@ def deduplicate(
             else:
                 _reject_dup(rejects, rows[i], "duplicate", rows[j]["id"])
         rows, texts = [rows[i] for i in keep], [texts[i] for i in keep]
+    method = None
     if cfg.near_duplicate_threshold is not None and len(rows) > 1:
-        match = near_duplicates(texts, cfg.near_duplicate_threshold)
+        method = near_duplicate_method(len(rows), cfg.lsh_min_rows)
+        match = near_duplicates(texts, cfg.near_duplicate_threshold, lsh_min_rows=cfg.lsh_min_rows)
         for j, i in sorted(match.items()):
             _reject_dup(rejects, rows[j], "near_duplicate", rows[i]["id"])
         rows = [r for k, r in enumerate(rows) if k not in match]
-    return rows
+    return rows, method
 
 
 def _reject_dup(rejects: list[Reject], row: dict[str, Any], reason: str, of: str) -> None:
@@ -174,13 +177,23 @@ def _reject_dup(rejects: list[Reject], row: dict[str, Any], reason: str, of: str
     rejects.append(Reject(row["file"], row["row"], reason, f"same as {of}", data, row["id"]))
 
 
-def near_duplicates(texts: list[str], threshold: float, block: int = 2000) -> dict[int, int]:
+def near_duplicate_method(n_rows: int, lsh_min_rows: int | None) -> str:
+    """What `near_duplicates` uses for `n_rows` rows (recorded in the reports)."""
+    return "minhash_lsh" if lsh_min_rows is not None and n_rows >= lsh_min_rows else "exact"
+
+
+def near_duplicates(
+    texts: list[str], threshold: float, block: int = 2000, lsh_min_rows: int | None = None
+) -> dict[int, int]:
     """{later row: earlier kept row} for TF-IDF char 5-gram cosine >= threshold.
 
     Exact, but fast: n-grams found in many rows ("common", C) are split off, since they make
     the product dense. cos = x_R.y_R + x_C.y_C <= x_R.y_R + |x_C||y_C|, so the sparse rare-part
     product yields every candidate (plus pairs whose common parts alone could pass), and only
     candidates get their exact cosine. Rows are compared with rows kept so far only.
+    From `lsh_min_rows` rows on, the candidates come from MinHash + LSH instead
+    (instructflow.minhash: linear cost, a pair it reports has the same exact cosine; it may
+    miss a pair the exact search finds).
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -191,6 +204,8 @@ def near_duplicates(texts: list[str], threshold: float, block: int = 2000) -> di
     except ValueError:  # no n-grams at all
         return {}
     n = X.shape[0]
+    if near_duplicate_method(n, lsh_min_rows) == "minhash_lsh":
+        return _near_duplicates_lsh(X.tocsr(), texts, threshold)
     df = np.bincount(X.indices, minlength=X.shape[1])
     common = df > max(50, 0.02 * n)
     Xc = X.tocsc()
@@ -223,6 +238,33 @@ def near_duplicates(texts: list[str], threshold: float, block: int = 2000) -> di
             if kept[j] and kept[i]:
                 kept[j] = False
                 match[j] = i
+    return match
+
+
+def pair_cosines(A, B, rows_a: np.ndarray, rows_b: np.ndarray, chunk: int = 200_000):
+    """Cosine of A[rows_a[k]] and B[rows_b[k]] for every k (L2-normalised sparse rows)."""
+    out = np.empty(len(rows_a), dtype=np.float64)
+    for s in range(0, len(rows_a), chunk):
+        a, b = A[rows_a[s : s + chunk]], B[rows_b[s : s + chunk]]
+        out[s : s + chunk] = np.asarray(a.multiply(b).sum(axis=1)).ravel()
+    return out
+
+
+def _near_duplicates_lsh(X, texts: list[str], threshold: float) -> dict[int, int]:
+    from instructflow import minhash
+
+    later, earlier = minhash.candidate_pairs(minhash.signatures(texts))
+    sim = pair_cosines(X, X, later, earlier)
+    sel = sim >= threshold
+    r, c = later[sel], earlier[sel]
+    order = np.lexsort((c, r))
+    kept = np.ones(X.shape[0], dtype=bool)
+    match: dict[int, int] = {}
+    # As the exact search: in row order, a row goes when an earlier row still kept matches.
+    for j, i in zip(r[order].tolist(), c[order].tolist(), strict=True):
+        if kept[j] and kept[i]:
+            kept[j] = False
+            match[j] = i
     return match
 
 
