@@ -246,12 +246,11 @@ class AugmentConfig(Section):
     seed: Seed = 0
 
 
-class LLMConfig(Section):
-    """The LLM that makes data (tasks/synthesize.py), through the judge's backends."""
+class LLMEndpoint(Section):
+    """Where an LLM answers (the judge's and synthesize's): an OpenAI-compatible
+    /v1/chat/completions endpoint (Ollama, vLLM, OpenAI, `instructflow serve`), or a local
+    causal LM (hub id, directory, models:/ URI or builtin:tiny) for the hf backend."""
 
-    # openai: any OpenAI-compatible /v1/chat/completions endpoint (Ollama, vLLM, OpenAI,
-    # `instructflow serve`); hf: a local causal LM (hub id, directory, models:/ URI, builtin).
-    backend: Literal["openai", "hf"] = "openai"
     base_url: OptionalText = None
     model: OptionalText = None
     # The NAME of the environment variable holding the key; the key itself is never stored.
@@ -260,9 +259,15 @@ class LLMConfig(Section):
     timeout_s: Float = Field(default=60.0, gt=0, le=DAY_S)
     max_concurrency: Int = Field(default=4, ge=1, le=256)
     max_retries: Int = Field(default=3, ge=0, le=100)
+    seed: Seed = 0
+
+
+class LLMConfig(LLMEndpoint):
+    """The LLM that makes data (tasks/synthesize.py)."""
+
+    backend: Literal["openai", "hf"] = "openai"
     temperature: Float = Field(default=0.7, ge=0, le=2)
     max_tokens: Int = Field(default=256, ge=1, le=32_768)
-    seed: Seed = 0
 
 
 SYNTHESIS_METHODS = Literal["paraphrase", "back_translation", "self_instruct", "evol_instruct"]
@@ -541,21 +546,10 @@ class EvaluateConfig(Section):
     mt_bench: OptionalText = None
 
 
-class JudgeConfig(Section):
+class JudgeConfig(LLMEndpoint):
     backend: Literal["none", "hf", "openai"] = "none"
     mode: Literal["single", "pairwise", "both"] = "both"
-    # openai backend: any OpenAI-compatible /v1/chat/completions endpoint.
-    base_url: OptionalText = None
-    model: OptionalText = None
-    # The NAME of the environment variable holding the key; the key itself is never stored.
-    api_key_env: OptionalText = None
-    # hf backend: a local causal LM (hub id, directory or builtin:tiny).
-    hf_model: Text = "builtin:tiny"
-    timeout_s: Float = Field(default=60.0, gt=0, le=DAY_S)
-    max_concurrency: Int = Field(default=4, ge=1, le=256)
-    max_retries: Int = Field(default=3, ge=0, le=100)
     max_examples: Int | None = Field(default=None, ge=1, le=MAX_COUNT)
-    seed: Seed = 0
     bootstrap_samples: Int = Field(default=1000, ge=10, le=1_000_000)
     # Calibration before grading: test items whose reference is compared with an empty, a
     # wrong and a corrupted answer; below min_calibration (share right) the judge is untrusted.

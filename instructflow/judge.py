@@ -23,7 +23,7 @@ from typing import Any
 
 from instructflow import judge_prompts as P
 from instructflow.config import JudgeConfig
-from instructflow.llm import ChatClient, LLMError, ReplyCache, public_url
+from instructflow.llm import ChatClient, LLMError, public_url
 
 log = logging.getLogger("instructflow.judge")
 # Sampling parameters of every judge request (greedy: a verdict must not be a dice roll).
@@ -115,16 +115,8 @@ class OpenAIBackend:
         if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
             raise JudgeError(f"judge.api_key_env: environment variable {cfg.api_key_env} is unset")
         self.cfg = cfg
-        self.client = ChatClient(
-            cfg.base_url,
-            cfg.model,
-            api_key_env=cfg.api_key_env,
-            timeout_s=cfg.timeout_s,
-            max_retries=cfg.max_retries,
-            seed=cfg.seed,
-            params=JUDGE_PARAMS,
-            cache=ReplyCache(cfg.model),
-            what="judge endpoint",
+        self.client = ChatClient.for_endpoint(
+            cfg, params=JUDGE_PARAMS, cache_root=None, what="judge endpoint"
         )
 
     def close(self) -> None:

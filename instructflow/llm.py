@@ -118,6 +118,30 @@ class ChatClient:
         self.cache_hits = 0
         self._lock = threading.Lock()
 
+    @classmethod
+    def for_endpoint(
+        cls,
+        cfg,
+        *,
+        params: dict[str, Any],
+        cache_root: Path | None,
+        what: str,
+        max_requests: int | None = None,
+    ) -> ChatClient:
+        """A client for an `instructflow.config.LLMEndpoint` (judge.*, synthesize.llm.*)."""
+        return cls(
+            cfg.base_url,
+            cfg.model,
+            api_key_env=cfg.api_key_env,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            seed=cfg.seed,
+            params=params,
+            cache=ReplyCache(cfg.model, cache_root),
+            what=what,
+            max_requests=max_requests,
+        )
+
     def close(self) -> None:
         self.client.close()
 

@@ -71,8 +71,9 @@ def _band_keys(sig: np.ndarray) -> Iterator[np.ndarray]:
     """Per band, one int64 per row identifying its values in that band."""
     for band in range(BANDS):
         part = np.ascontiguousarray(sig[:, band * ROWS_PER_BAND : (band + 1) * ROWS_PER_BAND])
-        yield np.unique(part.view(np.dtype((np.void, part.itemsize * ROWS_PER_BAND))).ravel(),
-                        return_inverse=True)[1].astype(np.int64)  # fmt: skip
+        as_bytes = part.view(np.dtype((np.void, part.itemsize * ROWS_PER_BAND))).ravel()
+        _, key = np.unique(as_bytes, return_inverse=True)
+        yield key.astype(np.int64)
 
 
 def candidate_pairs(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

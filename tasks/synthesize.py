@@ -93,15 +93,10 @@ def cache_dir() -> Path:
 def make_client(cfg: LLMConfig, max_calls: int):
     if cfg.backend == "hf":
         return LocalChat(cfg, max_calls)
-    return ChatClient(
-        cfg.base_url,
-        cfg.model,
-        api_key_env=cfg.api_key_env,
-        timeout_s=cfg.timeout_s,
-        max_retries=cfg.max_retries,
-        seed=cfg.seed,
+    return ChatClient.for_endpoint(
+        cfg,
         params={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens},
-        cache=ReplyCache(cfg.model, cache_dir()),
+        cache_root=cache_dir(),
         what="synthesis endpoint",
         max_requests=max_calls,
     )

@@ -34,6 +34,19 @@ SELF_INSTRUCT_REPLIES = [
 ]
 
 
+def send_chat_reply(handler: BaseHTTPRequestHandler, content: str) -> None:
+    """Answer a chat-completions request with `content` (both scripted endpoints use it)."""
+    data = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+    try:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+    except OSError:  # the client timed out and hung up
+        pass
+
+
 def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
@@ -54,13 +67,7 @@ class LLMStub:
                     return
                 time.sleep(stub.delay)
                 stub.requests.append({"auth": self.headers.get("Authorization"), "body": body})
-                content = stub.reply(body)
-                data = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_chat_reply(self, stub.reply(body))
 
             def log_message(self, *args):
                 pass

@@ -13,6 +13,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from llm_stub import send_chat_reply
 
 from instructflow import judge
 from instructflow.config import JudgeConfig
@@ -37,16 +38,7 @@ class Stub:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"auth": self.headers.get("Authorization"), "body": body})
                 time.sleep(stub.delay)
-                content = stub.reply(body["messages"])
-                data = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:  # the client timed out and hung up
-                    pass
+                send_chat_reply(self, stub.reply(body["messages"]))
 
             def log_message(self, *args):
                 pass

@@ -4,62 +4,25 @@ with the judge's openai backend run against it end to end."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 from evaluate_fixtures import make_base, make_train
+from serving import serving
 
 from instructflow import judge
 from instructflow.config import JudgeConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from instructflow.llm import ReplyCache
 
 
 @pytest.fixture
 def served(home):
     tok_ref, base = make_base()
     train = make_train(base, tok_ref, template="alpaca")
-    port = _free_port()
-    env = {**os.environ, "INSTRUCTFLOW_HOME": str(home)}
-    cmd = [sys.executable, "-m", "instructflow.cli", "serve", "--model", train.path]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--max-tokens", "24"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"serve did not come up: {proc.stdout.read()[-2000:]}")
-            time.sleep(0.5)
+    with serving(home, train.path, "--max-tokens", "24") as url:
         yield url, train
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
-@pytest.mark.slow
 def test_serve_answers_openai_requests_and_the_judge_runs_against_it(served, home):
     url, train = served
     models = httpx.get(f"{url}/v1/models").json()
@@ -105,5 +68,5 @@ def test_serve_answers_openai_requests_and_the_judge_runs_against_it(served, hom
         json={"model": "tiny", "messages": messages, **judge.JUDGE_PARAMS},
         timeout=60,
     ).json()["choices"][0]["message"]["content"]
-    key = judge.ReplyCache("tiny").key(messages, cfg.seed, judge.JUDGE_PARAMS)
-    assert judge.ReplyCache("tiny").get(key) == direct
+    key = ReplyCache("tiny").key(messages, cfg.seed, judge.JUDGE_PARAMS)
+    assert ReplyCache("tiny").get(key) == direct

@@ -5,15 +5,11 @@ request."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from serving import serving
 
 pytestmark = pytest.mark.slow
 
@@ -31,41 +27,11 @@ PROMPTS = [
 
 @pytest.fixture
 def server(home, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "serve.log", "w+")
-    cmd = [sys.executable, "-m", "instructflow.cli", "serve", "--model", "builtin:tiny"]
     limits = ["--max-tokens", "12", "--max-batch", "8", "--max-queue", "8"]
     limits += ["--max-request-bytes", "4000", "--max-prompt-tokens", "200"]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port), *limits],
-        env={**os.environ, "INSTRUCTFLOW_HOME": str(home)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"serve did not come up: {log.read()[-2000:]}")
-            time.sleep(0.3)
-        yield url, tmp_path / "serve.log"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    log = tmp_path / "serve.log"
+    with serving(home, "builtin:tiny", *limits, log=log) as url:
+        yield url, log
 
 
 def _ask(url: str, prompt: str, **extra) -> httpx.Response:

@@ -212,37 +212,9 @@ def test_a_missing_key_is_one_line_and_never_sent_elsewhere(rows_ref, stub, monk
 def test_paraphrase_through_instructflow_serve_with_the_builtin_model(rows_ref, home):
     """The project's own server as the endpoint: the tiny model's rewrites are poor, and the
     filters say so by reason; every request reached the server once, then came from the cache."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
+    from serving import serving
 
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "instructflow.cli", "serve", "--model", "builtin:tiny"]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--max-tokens", "16"],
-        env={**os.environ, "INSTRUCTFLOW_HOME": str(home)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"serve did not come up: {proc.stdout.read()[-2000:]}")
-            time.sleep(0.5)
+    with serving(home, "builtin:tiny", "--max-tokens", "16") as url:
         cfg = _cfg(f"{url}/v1", methods=["paraphrase"], fraction=0.5)
         ref = synthesize(rows_ref, cfg, ValidateConfig())
         counts = json.loads(ref.file("report.json").read_text())["methods"]["paraphrase"]
@@ -250,12 +222,6 @@ def test_paraphrase_through_instructflow_serve_with_the_builtin_model(rows_ref, 
         assert ref.meta["figures"]["requests_sent"] == 5
         again = synthesize(rows_ref, cfg, ValidateConfig())
         assert again.digest == ref.digest
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_a_local_hf_model_makes_rows_in_process_and_caches_its_replies(rows_ref):
