@@ -7,14 +7,17 @@ Both servers are the same code in its own process on 127.0.0.1 with the same mod
 baseline with --max-batch 1 (one request generates at a time, as before batching), ours with
 --max-batch 16. Each run: `--clients` threads send `--requests` greedy chat requests in all
 (the demo's test prompts, cycled), closed-loop; measured: requests/s, generated tokens/s,
-p50 / p99 latency. Correctness: every answer must equal the answer to the same prompt sent
-alone (asserted; none lost: every request gets a 200).
+p50 / p99 latency and time to first token. Ours is run a second time with `stream: true`
+requests, whose first token arrives before the answer is done (a plain request's first token
+arrives with the whole answer). Correctness: every answer, streamed ones joined, must equal the
+answer to the same prompt sent alone (asserted; none lost: every request gets a 200).
 Writes bench/results/serve_load.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import socket
@@ -57,30 +60,63 @@ def start(model: str, max_batch: int, max_tokens: int):
     raise SystemExit("server did not start")
 
 
-def ask(client, url: str, prompt: str, max_tokens: int) -> tuple[str, int, float]:
+def _body(prompt: str, max_tokens: int, stream: bool) -> dict:
+    messages = [{"role": "user", "content": prompt}]
+    return {"model": "m", "messages": messages, "max_tokens": max_tokens, "stream": stream}
+
+
+def ask(client, url: str, prompt: str, max_tokens: int) -> tuple[str, int, float, float]:
+    """(answer, completion tokens, latency, time to first token: the latency)."""
     t0 = time.perf_counter()
-    body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
-    resp = client.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": max_tokens})
+    resp = client.post(f"{url}/v1/chat/completions", json=_body(prompt, max_tokens, False))
     resp.raise_for_status()
     data = resp.json()
     text = data["choices"][0]["message"]["content"]
-    return text, data["usage"]["completion_tokens"], time.perf_counter() - t0
+    latency = time.perf_counter() - t0
+    return text, data["usage"]["completion_tokens"], latency, latency
 
 
-def load(url: str, asks: list[str], clients: int, max_tokens: int) -> dict:
+def ask_streamed(client, url: str, prompt: str, max_tokens: int) -> tuple[str, float, float]:
+    """(answer joined from its chunks, latency, time to its first content chunk)."""
+    t0 = time.perf_counter()
+    first, pieces = None, []
+    body = _body(prompt, max_tokens, True)
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            content = json.loads(line[6:])["choices"][0]["delta"].get("content")
+            if content:
+                first = first or time.perf_counter() - t0
+                pieces.append(content)
+    latency = time.perf_counter() - t0
+    return "".join(pieces), latency, first or latency
+
+
+def _quantiles(values: list[float]) -> tuple[float, float]:
+    values = sorted(values)
+    return statistics.median(values), values[min(len(values) - 1, int(0.99 * len(values)))]
+
+
+def load(url: str, asks: list[str], clients: int, ask_one) -> dict:
+    """`ask_one(client, url, prompt)` -> (answer, completion tokens, latency, time to first
+    token)."""
     import httpx
 
     with httpx.Client(timeout=600) as client, ThreadPoolExecutor(clients) as pool:
         t0 = time.perf_counter()
-        out = list(pool.map(lambda p: ask(client, url, p, max_tokens), asks))
+        out = list(pool.map(lambda p: ask_one(client, url, p), asks))
         wall = time.perf_counter() - t0
-    latencies = sorted(x[2] for x in out)
+    (p50, p99), (ttft50, ttft99) = _quantiles([x[2] for x in out]), _quantiles([x[3] for x in out])
     return {
         "answers": [x[0] for x in out],
         "rps": len(asks) / wall,
         "tok_s": sum(x[1] for x in out) / wall,
-        "p50": statistics.median(latencies),
-        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "p50": p50,
+        "p99": p99,
+        "ttft50": ttft50,
+        "ttft99": ttft99,
         "wall": wall,
     }
 
@@ -97,38 +133,57 @@ def main() -> None:
     ps = prompts()
     asks = [ps[i % len(ps)] for i in range(args.requests)]
     results = {}
-    reference: dict[str, str] = {}
-    for name, batch in (("one at a time (--max-batch 1)", 1), ("batched (--max-batch 16)", 16)):
+    reference: dict[str, tuple[str, int]] = {}  # prompt -> (answer, completion tokens)
+
+    def plain(client, url: str, prompt: str):
+        return ask(client, url, prompt, args.max_tokens)
+
+    def streamed(client, url: str, prompt: str):
+        text, latency, ttft = ask_streamed(client, url, prompt, args.max_tokens)
+        return text, reference[prompt][1], latency, ttft  # greedy: the same tokens as alone
+
+    runs = {
+        "one at a time (--max-batch 1)": (1, {"plain": plain}),
+        "batched (--max-batch 16)": (16, {"plain": plain, "streamed": streamed}),
+    }
+    for server, (batch, kinds) in runs.items():
         proc, url = start(args.model, batch, args.max_tokens)
         try:
             if not reference:  # each prompt sent alone, nothing else running
                 with httpx.Client(timeout=600) as client:
-                    reference = {p: ask(client, url, p, args.max_tokens)[0] for p in ps}
-            results[name] = load(url, asks, args.clients, args.max_tokens)
+                    reference = {p: ask(client, url, p, args.max_tokens)[:2] for p in ps}
+            for kind, ask_one in kinds.items():
+                name = server if kind == "plain" else f"{server}, streamed"
+                results[name] = load(url, asks, args.clients, ask_one)
+                answers = zip(results[name]["answers"], asks, strict=True)
+                same = sum(a == reference[p][0] for a, p in answers)
+                results[name]["same"] = same
+                print(name, {k: v for k, v in results[name].items() if k != "answers"}, flush=True)
+                assert same == len(asks), f"{name}: {len(asks) - same} answers differ from alone"
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        same = sum(a == reference[p] for a, p in zip(results[name]["answers"], asks, strict=True))
-        results[name]["same"] = same
-        print(name, {k: v for k, v in results[name].items() if k != "answers"}, flush=True)
-        assert same == len(asks), f"{name}: {len(asks) - same} answers differ from alone"
-    base, ours = results.values()
+    base, ours, ours_streamed = results.values()
     md = [
         f"`python bench/serve_load.py --model {args.model} --clients {args.clients} "
         f"--requests {args.requests} --max-tokens {args.max_tokens}`, {platform.machine()}, "
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}",
         "",
         "| server | requests/s | generated tokens/s | p50 latency (s) | p99 latency (s) | "
-        "answers equal to alone |",
-        "|---|---|---|---|---|---|",
+        "p50 time to first token (s) | p99 time to first token (s) | answers equal to alone |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         md.append(
             f"| {name} | {r['rps']:.1f} | {r['tok_s']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
-            f"{r['same']}/{args.requests} |"
+            f"{r['ttft50']:.2f} | {r['ttft99']:.2f} | {r['same']}/{args.requests} |"
         )
     md.append("")
     md.append(f"Throughput ratio (batched / one at a time): **{ours['rps'] / base['rps']:.1f}x**")
+    md.append(
+        "A plain request's first token arrives with its whole answer; streamed, p50 time to first "
+        f"token is {ours_streamed['ttft50'] / ours['ttft50']:.2f}x the plain p50 latency."
+    )
     out = ROOT / "bench" / "results" / "serve_load.md"
     out.write_text("\n".join(md) + "\n", encoding="utf-8")
     print("\n".join(md))

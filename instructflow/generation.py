@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from instructflow.templates import IGNORE_INDEX
 
 Progress = Callable[[int, int], None]
+# on_token(prompt index, token id), called for each generated token as it is appended.
+OnToken = Callable[[int, int], None]
 # Rows per prefill call: prompts are length-sorted, and a wider call pads every row to its
 # longest; 16 rows of ~100 tokens still make matmuls big enough to run at full speed.
 PREFILL_ROWS = 16
@@ -257,6 +259,7 @@ def _decode(
     progress: Progress | None,
     prefix_keys: list[tuple[int, ...]],
     virtual: tuple | None = None,
+    on_token: OnToken | None = None,
 ) -> dict[int, list[int]]:
     """Continuous batching over a KV cache: finished rows leave the batch at once and queued
     prompts are prefilled into the freed slots, so every decode step runs a full batch.
@@ -295,6 +298,8 @@ def _decode(
         tokens = _pick(state["logits"], temperature, top_p, gen)
         for row, t in zip(live, tokens.tolist(), strict=True):
             outs[row].append(t)
+            if on_token is not None:
+                on_token(row, t)
         done = torch.isin(tokens, stop_ids)
         done |= torch.tensor([len(outs[r]) >= max_new_tokens for r in live], device=device)
         if tail_hit is not None:
@@ -342,10 +347,12 @@ def generate(
     progress: Progress | None = None,
     details: bool = False,
     share_prefix: bool = True,
+    on_token: OnToken | None = None,
 ) -> list[str] | list[dict[str, Any]]:
     """Completions of `prompts` (prompt stripped, cut at the first stop string), input order.
 
-    `details=True` gives {text, prompt_tokens, completion_tokens, finish_reason} per prompt."""
+    `details=True` gives {text, prompt_tokens, completion_tokens, finish_reason} per prompt.
+    `on_token(i, token_id)` hears each token of prompts[i] as it is generated (streaming)."""
     if not prompts:
         return []
     encoded = _encode(tokenizer, prompts, add_special_tokens)
@@ -391,6 +398,7 @@ def generate(
             progress=progress,
             prefix_keys=prefix_keys,
             virtual=virtual,
+            on_token=on_token,
         )
         decoded = tokenizer.batch_decode([outs[i] for i in order], skip_special_tokens=False)
         for i, text in zip(order, decoded, strict=True):

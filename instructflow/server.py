@@ -5,17 +5,24 @@ the model's training template (instructflow.templates) and answered by the same 
 generation code the evaluate stage uses: concurrent greedy requests with the same settings are
 batched (Batcher). Bounded: a full queue answers 429, an over-large body or prompt 413, each
 with a JSON error; one access line per request. `stream: true` is answered in the SSE format
-with the whole answer in one chunk (not token by token). There is no auth, so the default bind
-is 127.0.0.1.
+token by token as the batch generates (TextStream: only text the final answer surely starts
+with is sent, so the deltas add up to exactly the non-streamed answer). There is no auth, so
+the default bind is 127.0.0.1.
 """
 
+import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, NamedTuple
 
-from instructflow import generation, templates
+from instructflow import generation, streaming, templates
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -92,9 +99,19 @@ class ChatModel:
         }
         return prompt, settings
 
-    def complete_many(self, prompts: list[str], settings: dict[str, Any]) -> list[dict]:
+    def end_strings(self, settings: dict[str, Any]) -> list[str]:
+        """Every string generate cuts a reply at (stop strings, end-of-turn and EOS text)."""
+        eot = templates.end_of_turn_token(self.template, self.tok)
+        return [*settings["stop_strings"], eot, self.tok.eos_token or ""]
+
+    def complete_many(
+        self,
+        prompts: list[str],
+        settings: dict[str, Any],
+        on_token: generation.OnToken | None = None,
+    ) -> list[dict]:
         """Replies to prompts that share `settings`, in one batched generate call (the
-        evaluate stage's decoding)."""
+        evaluate stage's decoding); `on_token(prompt index, token id)` as they are generated."""
         with self.lock:
             outs = generation.generate(
                 self.model,
@@ -104,6 +121,7 @@ class ChatModel:
                 stop_tokens=[templates.end_of_turn_token(self.template, self.tok)],
                 add_special_tokens=templates.add_special_tokens(self.template),
                 details=True,
+                on_token=on_token,
                 **{**settings, "stop_strings": list(settings["stop_strings"])},
             )
         return [self._reply(out) for out in outs]
@@ -141,6 +159,17 @@ class QueueFull(RuntimeError):
     pass
 
 
+END = streaming.END
+Sink = Callable[[int | None], None]
+
+
+class Job(NamedTuple):
+    prompt: str
+    settings: dict[str, Any]
+    future: Future
+    sink: Sink | None  # hears each token id, then END
+
+
 class Batcher:
     """Requests go to a bounded queue; one worker thread answers them. Greedy requests with
     the same settings that are waiting together are answered by one batched generate call,
@@ -157,18 +186,16 @@ class Batcher:
         self._lock = threading.Lock()
         threading.Thread(target=self._work, daemon=True, name="batcher").start()
 
-    def submit(self, body: dict[str, Any]):
-        """A concurrent.futures.Future of (reply, batch size); RequestError at once for a bad
-        request, QueueFull when max_queue requests are already waiting."""
-        from concurrent.futures import Future
-
-        prompt, settings = self.chat.prepare(body)
+    def submit(self, prompt: str, settings: dict[str, Any], sink: Sink | None = None) -> Future:
+        """A Future of (reply, batch size) for a prepared request (ChatModel.prepare); QueueFull
+        when max_queue requests are already waiting. `sink`, if given, hears the reply's token
+        ids as they are generated, then END once the future is settled."""
         with self._lock:
             if self.waiting >= self.max_queue:
                 raise QueueFull(f"server busy: {self.waiting} requests queued (--max-queue)")
             self.waiting += 1
         future: Future = Future()
-        self.jobs.put((prompt, settings, future))
+        self.jobs.put(Job(prompt, settings, future, sink))
         return future
 
     def _work(self) -> None:
@@ -182,38 +209,61 @@ class Batcher:
                     job = self.jobs.get_nowait()
                 except queue.Empty:
                     break
-                same = job[1] == first[1] and first[1]["temperature"] == 0
+                same = job.settings == first.settings and first.settings["temperature"] == 0
                 (batch if same else held).append(job)
             for job in held:  # other settings: the next rounds
                 self.jobs.put(job)
             with self._lock:
                 self.waiting -= len(batch)
-            try:
-                replies = self.chat.complete_many([p for p, _, _ in batch], first[1])
-            except Exception as exc:  # every waiting client hears about it
-                for _, _, future in batch:
-                    future.set_exception(exc)
-                continue
-            for (_, _, future), reply in zip(batch, replies, strict=True):
-                future.set_result((reply, len(batch)))
+            self._answer(batch)
+
+    def _answer(self, batch: list[Job]) -> None:
+        try:
+            replies = self.chat.complete_many(
+                [job.prompt for job in batch], batch[0].settings, _route_tokens(batch)
+            )
+        except Exception as exc:  # every waiting client hears about it
+            for job in batch:
+                job.future.set_exception(exc)
+        else:
+            for job, reply in zip(batch, replies, strict=True):
+                job.future.set_result((reply, len(batch)))
+        for job in batch:
+            if job.sink is not None:
+                job.sink(END)
 
 
-def _stream(reply: dict[str, Any]):
-    choice = reply["choices"][0]
-    base = {k: reply[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
-    chunks = [
-        {"index": 0, "delta": {"role": "assistant", "content": choice["message"]["content"]}},
-        {"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]},
-    ]
-    for c in chunks:
-        yield f"data: {json.dumps(base | {'choices': [c]})}\n\n"
-    yield "data: [DONE]\n\n"
+def _route_tokens(batch: list[Job]) -> generation.OnToken | None:
+    """generate's on_token for a batch: each token to its job's sink; None when no job streams
+    (generate then does no per-token work)."""
+    sinks = [job.sink for job in batch]
+    if not any(sinks):
+        return None
+
+    def on_token(index: int, token: int) -> None:
+        sink = sinks[index]
+        if sink is not None:
+            sink(token)
+
+    return on_token
+
+
+def _loop_sink(queue: asyncio.Queue) -> Sink:
+    """A sink that hands items from the batcher's thread to `queue`, on the running event
+    loop."""
+    loop = asyncio.get_running_loop()
+
+    def sink(item: int | None) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed (shutting down): nobody is listening
+            pass
+
+    return sink
 
 
 def create_app(chat: ChatModel, max_batch: int = 16, max_queue: int = 64,
                max_request_bytes: int = 1_000_000):  # fmt: skip
-    import logging
-
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -225,16 +275,20 @@ def create_app(chat: ChatModel, max_batch: int = 16, max_queue: int = 64,
         body = {"error": {"message": message, "type": kind}}
         return JSONResponse(body, status_code=status)
 
+    def access_line(request: Request, status: int, note: str) -> None:
+        client = request.client.host if request.client else "-"
+        access.info(
+            f'{client} "{request.method} {request.url.path}" {status} '
+            f"{time.perf_counter() - request.state.t0:.3f}s{note}"
+        )
+
     @app.middleware("http")
     async def access_log(request: Request, call_next):
-        t0 = time.perf_counter()
+        request.state.t0 = time.perf_counter()
         response = await call_next(request)
-        client = request.client.host if request.client else "-"
-        extra = getattr(request.state, "log", "")
-        access.info(
-            f'{client} "{request.method} {request.url.path}" {response.status_code} '
-            f"{time.perf_counter() - t0:.3f}s{extra}"
-        )
+        # A stream writes its own line when it ends: its token counts are known only then.
+        if not getattr(request.state, "streaming", False):
+            access_line(request, response.status_code, getattr(request.state, "log", ""))
         return response
 
     @app.get("/health")
@@ -248,8 +302,6 @@ def create_app(chat: ChatModel, max_batch: int = 16, max_queue: int = 64,
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
-        import asyncio
-
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_request_bytes:
             return error(413, f"request body above {max_request_bytes} bytes (--max-request-bytes)")
@@ -262,23 +314,27 @@ def create_app(chat: ChatModel, max_batch: int = 16, max_queue: int = 64,
             return error(400, "the request body is not valid JSON")
         if not isinstance(body, dict):
             return error(400, "the request body must be a JSON object")
+        streamed = bool(body.get("stream"))
+        tokens: asyncio.Queue = asyncio.Queue()
         try:
-            future = batcher.submit(body)
+            prompt, settings = chat.prepare(body)
+            future = batcher.submit(prompt, settings, _loop_sink(tokens) if streamed else None)
         except PromptTooLong as exc:
             return error(413, str(exc))
         except RequestError as exc:
             return error(400, str(exc))
         except QueueFull as exc:
             return error(429, str(exc), "rate_limit_error")
+        if streamed:
+            request.state.streaming = True
+            text = streaming.TextStream(chat.tok, chat.end_strings(settings))
+            events = streaming.sse_events(
+                chat.model_id, text, tokens, future, lambda note: access_line(request, 200, note)
+            )
+            return StreamingResponse(events, media_type="text/event-stream")
         # Generation runs on the batcher's thread: the event loop stays free (/health live).
         reply, batch = await asyncio.wrap_future(future)
-        usage = reply["usage"]
-        request.state.log = (
-            f" prompt={usage['prompt_tokens']} completion={usage['completion_tokens']} "
-            f"batch={batch}"
-        )
-        if body.get("stream"):
-            return StreamingResponse(_stream(reply), media_type="text/event-stream")
+        request.state.log = streaming.usage_note(reply, batch)
         return reply
 
     return app
@@ -295,8 +351,6 @@ def load_chat_model(spec: str, max_tokens: int = 512) -> ChatModel:
 def serve(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000, **limits: int) -> None:
     """`limits`: max_batch, max_queue, max_request_bytes (create_app). One access line per
     request goes to stderr."""
-    import logging
-
     import uvicorn
 
     handler = logging.StreamHandler()

@@ -1,5 +1,6 @@
 """`instructflow serve` as a real subprocess on loopback, serving a tiny real fine-tuned model,
-with the judge's openai backend run against it end to end."""
+with the judge's openai backend run against it end to end; and the streamed text's hold-back
+rule with the built-in tokenizer."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from evaluate_fixtures import make_base, make_train
 from serving import serving
 
 from instructflow import judge
+from instructflow.builtin import model as builtin
 from instructflow.config import JudgeConfig
+from instructflow.generation import cut_at_stop
 from instructflow.llm import ReplyCache
+from instructflow.loading import load_tokenizer
+from instructflow.streaming import TextStream
 
 
 @pytest.fixture
@@ -70,3 +75,33 @@ def test_serve_answers_openai_requests_and_the_judge_runs_against_it(served, hom
     ).json()["choices"][0]["message"]["content"]
     key = ReplyCache("tiny").key(messages, cfg.seed, judge.JUDGE_PARAMS)
     assert ReplyCache("tiny").get(key) == direct
+
+
+def _stream_tokens(tok, text: str, ends: list[str]) -> tuple[list[str], str, str]:
+    """(delta per token, what finish() adds, the final answer) for `text` streamed one token at
+    a time; the final answer is what generate makes of the same tokens."""
+    ids = tok(text, add_special_tokens=False).input_ids
+    stream = TextStream(tok, ends)
+    deltas = [stream.push([i]) for i in ids]
+    final = cut_at_stop(tok.decode(ids, skip_special_tokens=False), ends)
+    return deltas, stream.finish(final), final
+
+
+def test_streamed_text_holds_back_what_the_next_tokens_may_change():
+    tok = load_tokenizer(builtin.cached_tokenizer_dir())
+    ends = ["is big", "<|im_end|>"]
+    # The stop string spans "is", " ", "big": held back (with the space before it) until it
+    # completes, and then never sent; a leading space is never sent (the answer is stripped).
+    deltas, rest, final = _stream_tokens(tok, " Tokyo is big deal", ends)
+    assert deltas == ["", "Tokyo", "", "", "", "", "", "", ""] and rest == ""
+    assert final == "Tokyo"
+    # The same start goes out as soon as it cannot become the stop string ("is bl").
+    deltas, rest, final = _stream_tokens(tok, "Tokyo is blue", ends)
+    assert deltas == ["Tokyo", "", "", "", " is bl", "ue"] and rest == ""
+    # A character split over byte tokens goes out whole, once its last byte arrives.
+    deltas, rest, final = _stream_tokens(tok, "é你好 ok", ends)
+    assert deltas == ["é", "", "", "你", "", "", "好", "", " ok"] and rest == ""
+    # Inside one token too: "Paris" may go on as "Paris big"; the end-of-turn token settles
+    # it, and nothing of that token is sent.
+    deltas, rest, final = _stream_tokens(tok, "Paris<|im_end|>", ends)
+    assert deltas == ["Par", "is"] and rest == "" and final == "Paris"
