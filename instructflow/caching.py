@@ -35,7 +35,7 @@ def canonical(value: Any) -> Any:
     if isinstance(value, ArtifactRef):
         return {"artifact": value.stage, "digest": value.digest}
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", by_alias=True)
+        return value.model_dump(mode="json", by_alias=True, exclude=key_neutral(value) or None)
     if isinstance(value, dict):
         return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, list | tuple):
@@ -43,6 +43,17 @@ def canonical(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def key_neutral(model: BaseModel) -> dict[str, Any]:
+    """model_dump's `exclude` for the fields a section marks KEY_NEUTRAL (settings that change
+    where or how a stage runs, never its output), nested sections included."""
+    out: dict[str, Any] = {name: True for name in getattr(model, "KEY_NEUTRAL", ())}
+    for name in type(model).model_fields:
+        child = getattr(model, name)
+        if name not in out and isinstance(child, BaseModel) and (sub := key_neutral(child)):
+            out[name] = sub
+    return out
 
 
 def local_files_digest(paths: Iterable[str | Path | None]) -> dict[str, str]:

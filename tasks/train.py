@@ -66,8 +66,8 @@ def train(
 
     def write(tmp: Path) -> dict[str, Any]:
         spec["out"] = str(tmp)
-        if cfg.nproc > 1:
-            trainer.launch_torchrun(spec, cfg.nproc)
+        if cfg.nproc > 1 or cfg.nnodes > 1:
+            trainer.launch_torchrun(spec, cfg)
         else:
             trainer.run_training(spec)
         info = json.loads((tmp / "train.json").read_text())

@@ -72,3 +72,20 @@ def shared_datasets() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} not present")
     return SHARED
+
+
+@pytest.fixture
+def train_inputs(home):
+    """(tokenized, base, tokenizer) refs: the built-in tiny base and 80 demo rows at 64 tokens."""
+    from instructflow import demo_data
+    from instructflow.config import ModelConfig
+    from instructflow.loading import load_tokenizer
+    from instructflow.training.fixtures import write_tokenized
+    from tasks.base_model import prepare_base_model, prepare_tokenizer
+
+    tok_ref = prepare_tokenizer(ModelConfig())
+    base = prepare_base_model(ModelConfig(), tok_ref)
+    rows = demo_data.generate(80, seed=5)
+    tok = load_tokenizer(tok_ref)
+    tokenized = write_tokenized({"train": rows[:72], "validation": rows[72:]}, tok, max_length=64)
+    return tokenized, base, tok_ref

@@ -12,12 +12,10 @@ import time
 import pytest
 import torch
 
-from instructflow import demo_data, workspace
-from instructflow.config import ModelConfig, TrainConfig
+from instructflow import workspace
+from instructflow.config import TrainConfig
 from instructflow.loading import load_base_model, load_tokenizer
-from instructflow.training.fixtures import write_tokenized
 from instructflow.training.trainer import ROOT, last_complete_checkpoint
-from tasks.base_model import prepare_base_model, prepare_tokenizer
 from tasks.train import train, work_key
 
 pytestmark = pytest.mark.slow
@@ -36,16 +34,6 @@ train(*refs, TrainConfig.model_validate(spec["cfg"]))
 """
 
 
-@pytest.fixture
-def inputs(home):
-    tok_ref = prepare_tokenizer(ModelConfig())
-    base = prepare_base_model(ModelConfig(), tok_ref)
-    rows = demo_data.generate(80, seed=5)
-    tok = load_tokenizer(tok_ref)
-    tokenized = write_tokenized({"train": rows[:72], "validation": rows[72:]}, tok, max_length=64)
-    return tokenized, base, tok_ref
-
-
 def _generates(train_ref, base) -> None:
     from peft import PeftModel
 
@@ -57,8 +45,8 @@ def _generates(train_ref, base) -> None:
     assert out.shape[1] > prompt.input_ids.shape[1]
 
 
-def test_sigkilled_run_resumes_from_last_complete_checkpoint(inputs):
-    tokenized, base, tok_ref = inputs
+def test_sigkilled_run_resumes_from_last_complete_checkpoint(train_inputs):
+    tokenized, base, tok_ref = train_inputs
     cfg = TrainConfig(
         method={"name": "lora", "r": 4},
         max_steps=STEPS,
@@ -114,8 +102,8 @@ def test_sigkilled_run_resumes_from_last_complete_checkpoint(inputs):
     assert [v for _, v in ref.meta["step_metrics"]["loss"]] == pytest.approx(expected, rel=1e-5)
 
 
-def test_two_process_ddp_trains_rank_shards_and_rank0_writes(inputs):
-    tokenized, base, tok_ref = inputs
+def test_two_process_ddp_trains_rank_shards_and_rank0_writes(train_inputs):
+    tokenized, base, tok_ref = train_inputs
     cfg = TrainConfig(
         method={"name": "lora", "r": 4},
         nproc=2,

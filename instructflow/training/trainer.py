@@ -6,8 +6,9 @@ step share one row, position_ids restart, attention runs per example; a probe ch
 model, else length-grouped padding; `per_device_batch_size` is the token budget). Checkpoints
 go to the stage's work dir and a rerun with the same key resumes from the last complete one.
 `train.nproc > 1` runs `python -m instructflow.training.trainer <spec.json>` under torchrun
-(DDP: gloo on CPU, nccl on GPU); only rank 0 writes outputs. The HF MLflow callback is off, so
-checkpoints are never mirrored into MLflow.
+(DDP: gloo on CPU, nccl on GPU); only rank 0 writes outputs. `train.nnodes > 1` adds a c10d
+rendezvous that the other nodes' agents join (`instructflow train-node`). The HF MLflow
+callback is off, so checkpoints are never mirrored into MLflow.
 """
 
 from __future__ import annotations
@@ -516,19 +517,74 @@ def _tokenize_report(path: Path) -> dict[str, Any]:
 
 
 # -- torchrun ----------------------------------------------------------------------------------
-def launch_torchrun(spec: dict[str, Any], nproc: int) -> None:
-    """Run this module's `main` on `nproc` ranks; forward rank 0's progress lines."""
+NODE_SPEC = "node-spec.json"
+
+
+def torchrun_command(spec_path: Path, cfg: TrainConfig, rdzv_id: str) -> list[str]:
+    """The torchrun agent command of one node: --standalone on one node, else the c10d
+    rendezvous every node's agent joins (ranks are numbered there, so which node holds rank 0,
+    the one writing outputs, is the rendezvous's choice: outputs go to the shared workspace)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}"]
+    if cfg.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--nnodes={cfg.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={cfg.rdzv_endpoint}",
+            f"--rdzv-id={rdzv_id}",
+            f"--rdzv-conf=join_timeout={cfg.rdzv_timeout_s}",
+        ]
+    cmd.append(f"--max-restarts={cfg.max_restarts}")
+    return [*cmd, "-m", "instructflow.training.trainer", str(spec_path)]
+
+
+def launch_torchrun(spec: dict[str, Any], cfg: TrainConfig) -> None:
+    """Run this module's `main` on nproc ranks of this node (and, with nnodes > 1, wait for
+    the other nodes' agents: `instructflow train-node` with the spec file this writes into
+    the shared work dir); forward rank 0's progress lines."""
+    import uuid
+
+    from instructflow import progress
+
+    work = Path(spec["work"])
+    if cfg.nnodes > 1:
+        # A fresh rendezvous id per launch: an agent started with an older spec (of a killed
+        # attempt, whose output dir is gone) never joins this one.
+        spec = {**spec, "rdzv_id": uuid.uuid4().hex[:16]}
+        work.mkdir(parents=True, exist_ok=True)
+        spec_path = work / NODE_SPEC
+        tmp = spec_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(spec))
+        tmp.replace(spec_path)
+        msg = (
+            f"train: waiting for {cfg.nnodes - 1} more node(s) at {cfg.rdzv_endpoint}; on each, "
+            f"run: instructflow train-node {spec_path}"
+        )
+        progress.notify("warning", stage="train", message=msg)
+        print(msg, file=sys.stderr, flush=True)
+        rc, error = run_agent(spec_path, cfg, spec["rdzv_id"])
+    else:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+            json.dump(spec, fh)
+        try:
+            rc, error = run_agent(Path(fh.name), cfg, "standalone")
+        finally:
+            os.unlink(fh.name)
+    if rc != 0:
+        where = f"{cfg.nnodes} nodes x {cfg.nproc}" if cfg.nnodes > 1 else f"{cfg.nproc}"
+        raise TrainError(f"torchrun with {where} processes exited {rc}: {error}")
+
+
+def run_agent(spec_path: Path, cfg: TrainConfig, rdzv_id: str) -> tuple[int, str]:
+    """One node's torchrun agent: its exit status and last error line. Progress lines of a
+    rank 0 on this node are forwarded; Ctrl-C is passed on (rank 0 checkpoints, all stop)."""
     from instructflow.training import callbacks
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(spec, fh)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "instructflow.training.trainer", fh.name,
-    ]  # fmt: skip
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     tail: list[str] = []
+    cmd = torchrun_command(spec_path, cfg, rdzv_id)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -538,20 +594,29 @@ def launch_torchrun(spec: dict[str, Any], nproc: int) -> None:
                 tail = (tail + [line.rstrip()])[-40:]
         rc = proc.wait()
     except KeyboardInterrupt:
-        # torchrun passes the signal to every rank; rank 0 checkpoints and they stop.
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
-        last = last_complete_checkpoint(Path(spec["work"]) / "checkpoints")
+        work = Path(json.loads(spec_path.read_text())["work"])
+        last = last_complete_checkpoint(work / "checkpoints")
         step = int(last.name.split("-")[1]) if last else None
         raise interrupts.Interrupted("train", step) from None
-    finally:
-        os.unlink(fh.name)
+    errors = [t for t in tail if "Error" in t or "error:" in t] or tail or ["no output"]
+    return rc, errors[-1].strip()
+
+
+def join_node(spec_path: Path) -> int:
+    """`instructflow train-node SPEC`: this machine's agent for a multi-node train stage."""
+    spec = json.loads(spec_path.read_text())
+    cfg = TrainConfig.model_validate(spec["cfg"])
+    if cfg.nnodes < 2 or "rdzv_id" not in spec:
+        raise TrainError(f"{spec_path}: not a multi-node training spec (train.nnodes < 2)")
+    rc, error = run_agent(spec_path, cfg, spec["rdzv_id"])
     if rc != 0:
-        errors = [t for t in tail if "Error" in t or "error:" in t] or tail or ["no output"]
-        raise TrainError(f"torchrun with {nproc} processes exited {rc}: {errors[-1].strip()}")
+        raise TrainError(f"this node's torchrun agent exited {rc}: {error}")
+    return 0
 
 
 def main(argv: list[str]) -> None:
