@@ -52,18 +52,18 @@ def finetune(
                 )
                 validated[src.name] = run.stage(
                     validate_task, raw, src.validate_config(cfg.validate_),
-                    f"validate/{src.name}", name=f"validate/{src.name}",
+                    f"validate/{src.name}", name=f"validate/{src.name}", ray=cfg.ray_engine(),
                 )  # fmt: skip
             clean = run.stage(mix_task, validated, mix_plan(cfg.data.sources), cfg.data.mix)
         else:
             raw = run.stage(download_task, cfg.data.spec())
-            clean = run.stage(validate_task, raw, cfg.validate_)
+            clean = run.stage(validate_task, raw, cfg.validate_, ray=cfg.ray_engine())
         augmented = run.stage(augment_task, clean, cfg.augment)
         if cfg.synthesize.enabled:
             augmented = run.stage(synthesize_task, augmented, cfg.synthesize, cfg.validate_)
         splits = run.stage(split_task, augmented, cfg.split)
         tokenizer = run.helper(tokenizer_task, cfg.model)
-        tokenized = run.stage(tokenize_task, splits, tokenizer, cfg.tokenize)
+        tokenized = run.stage(tokenize_task, splits, tokenizer, cfg.tokenize, ray=cfg.ray_engine())
         base = run.helper(base_model_task, cfg.model, tokenizer)
         model = run.stage(train_task, tokenized, base, tokenizer, cfg.train)
         report = run.stage(

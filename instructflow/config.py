@@ -25,7 +25,7 @@ import difflib
 import math
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -340,6 +340,21 @@ class TokenizeConfig(Section):
     # split, see instructflow.fast_bpe), else the tokenizer's own backend; tokenizers: always
     # the latter.
     engine: Literal["auto", "tokenizers"] = "auto"
+    # Rows encoded per unit of work: one batch in memory at a time here, one task per batch on
+    # the Ray engine (both cut the same batches, so both write the same artifact).
+    batch_rows: Int = Field(default=100_000, ge=1, le=100_000_000)
+
+
+class RayConfig(Section):
+    """Where `engine: ray` runs the data stages' per-batch work."""
+
+    # "auto" (the cluster this machine belongs to), "host:6379", "ray://host:10001" (Ray
+    # Client, e.g. a KubeRay head service); null: a Ray started on this machine for the run.
+    address: OptionalText = None
+    num_cpus_per_task: Float = Field(default=1.0, gt=0, le=1024)
+    # Rows per validate task (its work is per row: any cut gives the same artifact);
+    # tokenize cuts its batches by tokenize.batch_rows, here and on Ray alike.
+    batch_rows: Int = Field(default=50_000, ge=1, le=100_000_000)
 
 
 class ModelConfig(Section):
@@ -497,11 +512,38 @@ class TrainConfig(Section):
     early_stopping_patience: Int | None = Field(default=None, ge=1, le=10_000)
     seed: Seed = 42
     nproc: Int = Field(default=1, ge=1, le=1024)
+    # Multi-node: nnodes machines with nproc processes each meet at a torchrun c10d
+    # rendezvous; every node must see the workspace on a shared filesystem. The node running
+    # the pipeline starts its agent; each other node runs `instructflow train-node SPEC`.
+    nnodes: Int = Field(default=1, ge=1, le=1024)
+    rdzv_endpoint: OptionalText = Field(
+        default=None, description="host:port of the rendezvous, reachable from every node"
+    )
+    rdzv_timeout_s: Int = Field(default=900, ge=10, le=DAY_S, description="wait for all nodes")
+    # Elastic restarts of every rank (from the last checkpoint) when a rank or node fails.
+    max_restarts: Int = Field(default=0, ge=0, le=100)
     # Sharding for models that do not fit one GPU (with nproc > 1), passed to the Trainer:
     # fsdp e.g. "full_shard auto_wrap"; deepspeed: path to a DeepSpeed (ZeRO-3) JSON config.
     fsdp: OptionalText = None
     deepspeed: OptionalText = None
     merge: bool = False
+    # Where the ranks meet changes nothing they compute: not part of the stage's cache key.
+    KEY_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
+        {"rdzv_endpoint", "rdzv_timeout_s", "max_restarts"}
+    )
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> TrainConfig:
+        if self.nnodes > 1:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise PydanticCustomError(
+                    "rendezvous",
+                    "train.nnodes={n} needs train.rdzv_endpoint: host:port reachable from "
+                    "every node (e.g. node0.cluster:29400)",
+                    {"n": self.nnodes},
+                )
+        return self
 
     @field_validator("method", mode="before")
     @classmethod
@@ -659,8 +701,15 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    # Where per-batch data work runs (tokenize): in this process, or as Ray tasks on a cluster.
+    # Either writes the same artifacts, so neither is part of a stage's cache key.
+    engine: Literal["local", "ray"] = "local"
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def ray_engine(self) -> RayConfig | None:
+        return self.ray if self.engine == "ray" else None
 
     def flat(self) -> dict[str, Any]:
         """Flattened `section.key` -> value, for MLflow params and `compare`."""

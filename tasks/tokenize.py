@@ -29,7 +29,7 @@ import numpy as np
 from instructflow import fast_bpe, loading, plots, templates
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
-from instructflow.config import TokenizeConfig
+from instructflow.config import RayConfig, TokenizeConfig
 from tasks.split import SPLITS, read_split
 
 IGNORE = templates.IGNORE_INDEX
@@ -265,6 +265,35 @@ def encode_rows(
     return table, {**counts, "method": method, "engine": enc.engine}
 
 
+def encode_split(
+    rows: list[dict[str, Any]], tokenizer, cfg: TokenizeConfig, backend, ray: RayConfig | None
+) -> tuple[Any, dict[str, Any], int]:
+    """encode_rows over batches of cfg.batch_rows rows (here, or as Ray tasks), joined in
+    order: (table, counts, how many Ray nodes took part; 0 for the local engine)."""
+    size = cfg.batch_rows
+    batches = [rows[i : i + size] for i in range(0, len(rows), size)] or [rows]
+    if ray is None:
+        results, nodes = [encode_rows(b, tokenizer, cfg, backend) for b in batches], 0
+    else:
+        from instructflow import ray_engine
+
+        results, nodes = ray_engine.map_batches(encode_rows, batches, (tokenizer, cfg), ray)
+    return (*join_batches(results), nodes)
+
+
+def join_batches(results: list[tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
+    """One table (a single chunk, so equal data saves to equal bytes) and summed counts."""
+    import pyarrow as pa
+
+    table = pa.concat_tables([t for t, _ in results]).combine_chunks()
+    counts = {
+        k: sum(c[k] for _, c in results) for k, v in results[0][1].items() if isinstance(v, int)
+    }
+    for k in ("method", "engine"):
+        counts[k] = "+".join(sorted({c[k] for _, c in results}))
+    return table, counts
+
+
 def save_table(table, path: Path) -> None:
     """save_to_disk with a content fingerprint, so equal data gives byte-equal artifacts."""
     import datasets
@@ -296,7 +325,10 @@ def length_stats(lengths: np.ndarray) -> dict[str, float]:
     }
 
 
-def tokenize(splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig) -> ArtifactRef:
+def tokenize(
+    splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig, ray: RayConfig | None = None
+) -> ArtifactRef:
+    """`ray`: run the batches as Ray tasks there (the same artifact as without)."""
     tok = loading.load_tokenizer(tokenizer)
     backend = fast_backend(tok)
 
@@ -307,8 +339,10 @@ def tokenize(splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig) -
             "splits": {},
         }
         lengths: dict[str, np.ndarray] = {}
+        nodes = 0
         for name in SPLITS:
-            table, counts = encode_rows(read_split(splits, name), tok, cfg, backend)
+            table, counts, used = encode_split(read_split(splits, name), tok, cfg, backend, ray)
+            nodes = max(nodes, used)
             save_table(table, tmp / name)
             lengths[name] = table.column("length").to_numpy()
             report["splits"][name] = {**counts, **length_stats(lengths[name])}
@@ -335,7 +369,12 @@ def tokenize(splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig) -
             )
         return {
             "figures": metrics,
-            "params": {"template_version": templates.TEMPLATE_VERSION},
+            # Where it ran is meta, not content: the files are the same on either engine.
+            "params": {
+                "template_version": templates.TEMPLATE_VERSION,
+                "engine": "ray" if ray else "local",
+                **({"ray_nodes": nodes} if ray else {}),
+            },
             "log_files": ["report.json", "token_hist.png"],
             "summary": (
                 f"{total['rows']} examples, {total['tokens']} tokens "
@@ -346,4 +385,5 @@ def tokenize(splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig) -
     return write_artifact("tokenize", write)
 
 
-tokenize_task = stage_task("tokenize")(tokenize)
+# The engine decides where batches run, never what they give: not part of the key.
+tokenize_task = stage_task("tokenize", exclude=["ray"])(tokenize)
