@@ -60,9 +60,42 @@ def start(model: str, max_batch: int, max_tokens: int):
     raise SystemExit("server did not start")
 
 
+def builtin_dir() -> Path:
+    """The HF folder of builtin:tiny (config, safetensors, tokenizer with a chat template)."""
+    from instructflow.builtin import model as builtin
+
+    return builtin.ensure_pretrained(builtin.cached_tokenizer_dir())[0] / "model"
+
+
+def start_transformers_serve(model_dir: Path, continuous: bool):
+    """`transformers serve` (transformers' own OpenAI-compatible server) on the same weights."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = Path(sys.executable).with_name("transformers")
+    cmd = [str(cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    cmd.append("--continuous-batching" if continuous else "--no-continuous-batching")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("transformers serve did not start (pip install 'transformers[serving]')")
+
+
+MODEL_FIELD = "m"  # transformers serve needs the served model's own name here
+
+
 def _body(prompt: str, max_tokens: int, stream: bool) -> dict:
     messages = [{"role": "user", "content": prompt}]
-    return {"model": "m", "messages": messages, "max_tokens": max_tokens, "stream": stream}
+    return {"model": MODEL_FIELD, "messages": messages, "max_tokens": max_tokens,
+            "stream": stream, "temperature": 0}  # fmt: skip
 
 
 def ask(client, url: str, prompt: str, max_tokens: int) -> tuple[str, int, float, float]:
@@ -129,6 +162,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=160)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--transformers-serve",
+        action="store_true",
+        help="also load `transformers serve` on the same weights (builtin:tiny only; it renders "
+        "prompts with the tokenizer's chat template, so its answers differ from ours)",
+    )
     args = ap.parse_args()
     ps = prompts()
     asks = [ps[i % len(ps)] for i in range(args.requests)]
@@ -163,7 +202,10 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    base, ours, ours_streamed = results.values()
+    if args.transformers_serve:
+        theirs = transformers_serve_rows(builtin_dir(), asks, ps, args)
+        results.update(theirs)
+    base, ours, ours_streamed = list(results.values())[:3]
     md = [
         f"`python bench/serve_load.py --model {args.model} --clients {args.clients} "
         f"--requests {args.requests} --max-tokens {args.max_tokens}`, {platform.machine()}, "
@@ -180,6 +222,13 @@ def main() -> None:
         )
     md.append("")
     md.append(f"Throughput ratio (batched / one at a time): **{ours['rps'] / base['rps']:.1f}x**")
+    for name, r in results.items():
+        if name.startswith("transformers serve"):
+            md.append(
+                f"Batched instructflow / {name}: **{ours['rps'] / r['rps']:.1f}x** requests/s, "
+                f"**{ours['tok_s'] / r['tok_s']:.1f}x** generated tokens/s (its prompts use the "
+                "tokenizer's chat template, ours the training template: answers differ)."
+            )
     md.append(
         "A plain request's first token arrives with its whole answer; streamed, p50 time to first "
         f"token is {ours_streamed['ttft50'] / ours['ttft50']:.2f}x the plain p50 latency."
@@ -187,6 +236,33 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "serve_load.md"
     out.write_text("\n".join(md) + "\n", encoding="utf-8")
     print("\n".join(md))
+
+
+def transformers_serve_rows(model_dir: Path, asks: list[str], ps: list[str], args) -> dict:
+    """The same load on `transformers serve`, with and without its continuous batching; its
+    answers are checked against its own one-at-a-time answers."""
+    import httpx
+
+    global MODEL_FIELD
+    MODEL_FIELD = str(model_dir)
+    rows = {}
+    for continuous in (False, True):
+        name = f"transformers serve{' --continuous-batching' if continuous else ''}"
+        proc, url = start_transformers_serve(model_dir, continuous)
+        try:
+            with httpx.Client(timeout=600) as client:
+                alone = {p: ask(client, url, p, args.max_tokens)[0] for p in ps}
+            rows[name] = load(
+                url, asks, args.clients, lambda c, u, p: ask(c, u, p, args.max_tokens)
+            )
+            answers = zip(rows[name]["answers"], asks, strict=True)
+            rows[name]["same"] = sum(a == alone[p] for a, p in answers)
+            print(name, {k: v for k, v in rows[name].items() if k != "answers"}, flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    MODEL_FIELD = "m"
+    return rows
 
 
 if __name__ == "__main__":
