@@ -260,11 +260,15 @@ def _decode(
     prefix_keys: list[tuple[int, ...]],
     virtual: tuple | None = None,
     on_token: OnToken | None = None,
+    admit: Callable[[int], list[int]] | None = None,
+    on_row_done: Callable[[int, list[int]], None] | None = None,
 ) -> dict[int, list[int]]:
     """Continuous batching over a KV cache: finished rows leave the batch at once and queued
     prompts are prefilled into the freed slots, so every decode step runs a full batch.
     (generate() keeps finished rows as padding until the whole batch ends; transformers'
-    own continuous batching ran 8x slower than this on CPU.)"""
+    own continuous batching ran 8x slower than this on CPU.) `admit(room)`: rows that arrived
+    since (their indices, already in `encoded`/`prefix_keys`), asked each step while there is
+    room; `on_row_done(i, tokens)`: row i is finished."""
     device = model.device
     stop_ids = stop_ids.to(device)
     queue, outs = list(order), {}
@@ -273,7 +277,11 @@ def _decode(
     live: list[int] = []
     refill_at = max(1, batch_size // 4)
     splice = _can_splice(_new_cache(model))
-    while queue or live:
+    while True:
+        if admit is not None and (room := batch_size - len(live) - len(queue)) > 0:
+            queue += admit(room)
+        if not (queue or live):
+            break
         free = batch_size - len(live)
         if queue and (not live or (splice and free >= refill_at)):
             take, queue = queue[:free], queue[free:]
@@ -305,6 +313,9 @@ def _decode(
         if tail_hit is not None:
             done |= torch.tensor(tail_hit([outs[r] for r in live]), device=device)
         if bool(done.any()):
+            if on_row_done is not None:
+                for k in done.nonzero().squeeze(1).tolist():
+                    on_row_done(live[k], outs[live[k]])
             keep = (~done).nonzero().squeeze(1)
             live = [live[k] for k in keep.tolist()]
             if progress is not None:
@@ -348,17 +359,25 @@ def generate(
     details: bool = False,
     share_prefix: bool = True,
     on_token: OnToken | None = None,
+    admit: Callable[[int], Sequence[str]] | None = None,
+    on_done: Callable[[int, Any], None] | None = None,
 ) -> list[str] | list[dict[str, Any]]:
     """Completions of `prompts` (prompt stripped, cut at the first stop string), input order.
 
     `details=True` gives {text, prompt_tokens, completion_tokens, finish_reason} per prompt.
-    `on_token(i, token_id)` hears each token of prompts[i] as it is generated (streaming)."""
+    `on_token(i, token_id)` hears each token of prompts[i] as it is generated (streaming).
+    Serving: `admit(room)` returns up to `room` prompts that arrived meanwhile (same settings);
+    they join the running batch and are numbered on after `prompts`; `on_done(i, result)`
+    hears each result as soon as its row finishes. The return value then holds them all."""
     if not prompts:
         return []
-    encoded = _encode(tokenizer, prompts, add_special_tokens)
-    if max_prompt_tokens:
+
+    def encode(texts: Sequence[str]) -> list[list[int]]:
+        out = _encode(tokenizer, texts, add_special_tokens)
         # Keep the end of an over-long prompt: the response cue is there.
-        encoded = [p[-max_prompt_tokens:] for p in encoded]
+        return [p[-max_prompt_tokens:] for p in out] if max_prompt_tokens else out
+
+    encoded = encode(prompts)
     stops = [s for s in stop_strings if s]
     stop_ids = torch.tensor(eos_ids(tokenizer, [*stop_tokens, *stops]), dtype=torch.long)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -379,9 +398,39 @@ def generate(
     shared = shared_prefixes(encoded) if share_prefix else [0] * len(encoded)
     prefix_keys = [tuple(p[:n]) for p, n in zip(encoded, shared, strict=True)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    texts: list[Any] = [""] * len(encoded)
     ends = [*stops, *stop_tokens, tokenizer.eos_token or ""]
     stop_set = set(stop_ids.tolist())
+
+    def result(i: int, ids: list[int], text: str) -> Any:
+        answer = cut_at_stop(text, ends)
+        if not details:
+            return answer
+        stopped = ids[-1] in stop_set or any(e and e in text for e in ends)
+        return {
+            "text": answer,
+            "prompt_tokens": len(encoded[i]),
+            "completion_tokens": len(ids),
+            "finish_reason": "stop" if stopped else "length",
+        }
+
+    def admit_rows(room: int) -> list[int]:
+        arrived = list(admit(room))
+        if not arrived:
+            return []
+        new = encode(arrived)
+        known = {k for k in prefix_keys if k}
+        for p in new:  # a header already computed is reused; no new groups mid-run
+            fits = [k for k in known if len(k) < len(p) and tuple(p[: len(k)]) == k]
+            prefix_keys.append(max(fits, key=len, default=()))
+        encoded.extend(new)
+        return list(range(len(encoded) - len(new), len(encoded)))
+
+    done_early: dict[int, Any] = {}
+
+    def row_done(i: int, ids: list[int]) -> None:
+        done_early[i] = result(i, ids, tokenizer.decode(ids, skip_special_tokens=False))
+        on_done(i, done_early[i])
+
     try:
         outs = _decode(
             model,
@@ -399,19 +448,15 @@ def generate(
             prefix_keys=prefix_keys,
             virtual=virtual,
             on_token=on_token,
+            admit=admit_rows if admit is not None else None,
+            on_row_done=row_done if on_done is not None else None,
         )
+        if on_done is not None:
+            return [done_early[i] for i in range(len(encoded))]
         decoded = tokenizer.batch_decode([outs[i] for i in order], skip_special_tokens=False)
+        texts: list[Any] = [""] * len(encoded)
         for i, text in zip(order, decoded, strict=True):
-            ids = outs[i]
-            texts[i] = cut_at_stop(text, ends)
-            if details:
-                stopped = ids[-1] in stop_set or any(e and e in text for e in ends)
-                texts[i] = {
-                    "text": texts[i],
-                    "prompt_tokens": len(encoded[i]),
-                    "completion_tokens": len(ids),
-                    "finish_reason": "stop" if stopped else "length",
-                }
+            texts[i] = result(i, outs[i], text)
     finally:
         model.train(was_training)
     return texts

@@ -2,8 +2,8 @@
 
 Routes: POST /v1/chat/completions, GET /v1/models, GET /health. Messages are rendered with
 the model's training template (instructflow.templates) and answered by the same batched
-generation code the evaluate stage uses: concurrent greedy requests with the same settings are
-batched (Batcher). Bounded: a full queue answers 429, an over-large body or prompt 413, each
+generation code the evaluate stage uses: concurrent greedy requests with the same settings share
+one continuously batched decode loop, later arrivals joining as rows finish (Batcher). Bounded: a full queue answers 429, an over-large body or prompt 413, each
 with a JSON error; one access line per request. `stream: true` is answered in the SSE format
 token by token as the batch generates (TextStream: only text the final answer surely starts
 with is sent, so the deltas add up to exactly the non-streamed answer). There is no auth, so
@@ -11,6 +11,7 @@ the default bind is 127.0.0.1.
 """
 
 import asyncio
+import collections
 import json
 import logging
 import threading
@@ -104,33 +105,38 @@ class ChatModel:
         eot = templates.end_of_turn_token(self.template, self.tok)
         return [*settings["stop_strings"], eot, self.tok.eos_token or ""]
 
-    def complete_many(
+    def run(
         self,
         prompts: list[str],
         settings: dict[str, Any],
+        *,
+        batch_size: int | None = None,
         on_token: generation.OnToken | None = None,
-    ) -> list[dict]:
-        """Replies to prompts that share `settings`, in one batched generate call (the
-        evaluate stage's decoding); `on_token(prompt index, token id)` as they are generated."""
+        admit: Callable[[int], list[str]] | None = None,
+        on_done: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """generate's detailed outputs for prompts that share `settings`, in one decode loop
+        (the evaluate stage's continuous batching); the serving hooks are generate's."""
         with self.lock:
-            outs = generation.generate(
+            return generation.generate(
                 self.model,
                 self.tok,
                 prompts,
-                batch_size=max(1, len(prompts)),
+                batch_size=batch_size or max(1, len(prompts)),
                 stop_tokens=[templates.end_of_turn_token(self.template, self.tok)],
                 add_special_tokens=templates.add_special_tokens(self.template),
                 details=True,
                 on_token=on_token,
+                admit=admit,
+                on_done=on_done,
                 **{**settings, "stop_strings": list(settings["stop_strings"])},
             )
-        return [self._reply(out) for out in outs]
 
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt, settings = self.prepare(body)
-        return self.complete_many([prompt], settings)[0]
+        return self.reply(self.run([prompt], settings)[0])
 
-    def _reply(self, out: dict[str, Any]) -> dict[str, Any]:
+    def reply(self, out: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
@@ -171,81 +177,92 @@ class Job(NamedTuple):
 
 
 class Batcher:
-    """Requests go to a bounded queue; one worker thread answers them. Greedy requests with
-    the same settings that are waiting together are answered by one batched generate call,
-    so throughput grows with concurrency and each answer equals the single-request greedy
-    answer (tested). A sampling request (temperature > 0) is answered alone: its random
-    stream must not depend on what else is in the batch."""
+    """Requests wait in a bounded FIFO; one worker thread answers them with the evaluate
+    stage's continuous-batching decoder. Greedy requests with the same settings share a decode
+    loop: those waiting when it starts, and those that arrive while it runs, which join as
+    rows finish (at most max_batch rows at once); each is answered as soon as its row ends,
+    and equals the answer to the same request sent alone (tested). A sampling request
+    (temperature > 0) is answered alone: its random stream must not depend on the batch.
+    Arrivals join a running loop only while the oldest waiting request has its settings, so a
+    request with other settings waits for the rows already running, not for later arrivals."""
 
     def __init__(self, chat: ChatModel, max_batch: int = 16, max_queue: int = 64):
-        import queue
-
         self.chat, self.max_batch, self.max_queue = chat, max_batch, max_queue
-        self.jobs: queue.Queue = queue.Queue()
-        self.waiting = 0
-        self._lock = threading.Lock()
+        self.pending: collections.deque[Job] = collections.deque()
+        self.changed = threading.Condition()
         threading.Thread(target=self._work, daemon=True, name="batcher").start()
 
     def submit(self, prompt: str, settings: dict[str, Any], sink: Sink | None = None) -> Future:
-        """A Future of (reply, batch size) for a prepared request (ChatModel.prepare); QueueFull
-        when max_queue requests are already waiting. `sink`, if given, hears the reply's token
-        ids as they are generated, then END once the future is settled."""
-        with self._lock:
-            if self.waiting >= self.max_queue:
-                raise QueueFull(f"server busy: {self.waiting} requests queued (--max-queue)")
-            self.waiting += 1
-        future: Future = Future()
-        self.jobs.put(Job(prompt, settings, future, sink))
-        return future
+        """A Future of (reply, requests that shared its decode loop) for a prepared request
+        (ChatModel.prepare); QueueFull when max_queue requests are already waiting. `sink`, if
+        given, hears the reply's token ids as they are generated, then END once the future is
+        settled."""
+        job = Job(prompt, settings, Future(), sink)
+        with self.changed:
+            if len(self.pending) >= self.max_queue:
+                raise QueueFull(f"server busy: {len(self.pending)} requests queued (--max-queue)")
+            self.pending.append(job)
+            self.changed.notify()
+        return job.future
+
+    def _take(self, settings: dict[str, Any], room: int, skip_others: bool) -> list[Job]:
+        """Up to `room` waiting jobs with `settings`, oldest first; past jobs with other
+        settings (which keep their place) only if `skip_others`."""
+        taken: list[Job] = []
+        with self.changed:
+            for job in list(self.pending):
+                if len(taken) == room:
+                    break
+                if job.settings == settings:
+                    self.pending.remove(job)
+                    taken.append(job)
+                elif not skip_others:
+                    break
+        return taken
 
     def _work(self) -> None:
-        import queue
-
         while True:
-            first = self.jobs.get()
-            batch, held = [first], []
-            while len(batch) < self.max_batch:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                same = job.settings == first.settings and first.settings["temperature"] == 0
-                (batch if same else held).append(job)
-            for job in held:  # other settings: the next rounds
-                self.jobs.put(job)
-            with self._lock:
-                self.waiting -= len(batch)
-            self._answer(batch)
+            with self.changed:
+                while not self.pending:
+                    self.changed.wait()
+                first = self.pending.popleft()
+            greedy = first.settings["temperature"] == 0
+            more = self._take(first.settings, self.max_batch - 1, True) if greedy else []
+            self._answer([first, *more], greedy)
 
-    def _answer(self, batch: list[Job]) -> None:
-        try:
-            replies = self.chat.complete_many(
-                [job.prompt for job in batch], batch[0].settings, _route_tokens(batch)
-            )
-        except Exception as exc:  # every waiting client hears about it
-            for job in batch:
-                job.future.set_exception(exc)
-        else:
-            for job, reply in zip(batch, replies, strict=True):
-                job.future.set_result((reply, len(batch)))
-        for job in batch:
+    def _answer(self, jobs: list[Job], greedy: bool) -> None:
+        settings = jobs[0].settings
+
+        def admit(room: int) -> list[str]:
+            arrived = self._take(settings, room, skip_others=False) if greedy else []
+            jobs.extend(arrived)
+            return [job.prompt for job in arrived]
+
+        def on_token(index: int, token: int) -> None:
+            if jobs[index].sink is not None:
+                jobs[index].sink(token)
+
+        def on_done(index: int, out: dict[str, Any]) -> None:
+            job = jobs[index]
+            job.future.set_result((self.chat.reply(out), len(jobs)))
             if job.sink is not None:
                 job.sink(END)
 
-
-def _route_tokens(batch: list[Job]) -> generation.OnToken | None:
-    """generate's on_token for a batch: each token to its job's sink; None when no job streams
-    (generate then does no per-token work)."""
-    sinks = [job.sink for job in batch]
-    if not any(sinks):
-        return None
-
-    def on_token(index: int, token: int) -> None:
-        sink = sinks[index]
-        if sink is not None:
-            sink(token)
-
-    return on_token
+        try:
+            self.chat.run(
+                [job.prompt for job in jobs],
+                settings,
+                batch_size=self.max_batch,
+                on_token=on_token,
+                admit=admit,
+                on_done=on_done,
+            )
+        except Exception as exc:  # every client still waiting hears about it
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                    if job.sink is not None:
+                        job.sink(END)
 
 
 def _loop_sink(queue: asyncio.Queue) -> Sink:

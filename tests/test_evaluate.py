@@ -300,3 +300,31 @@ def test_rouge_keeps_unicode_letters_and_splits_cjk_and_matches_rouge_score_on_a
     theirs = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     for hyp, ref in pairs:
         assert ours.score(ref, hyp) == theirs.score(ref, hyp)
+
+
+def test_prompts_admitted_mid_loop_join_the_batch_and_equal_alone(tiny):
+    """The serving path: prompts arriving while a decode loop runs join it as rows finish,
+    each result is handed over as soon as its row ends, and equals the prompt's answer alone."""
+    _, _, model, tok = tiny
+    prompts = [templates.generation_prompt(r, "alpaca", tok) for r in canonical_rows(9)]
+    kw = {"max_new_tokens": 10, "stop_strings": templates.stop_strings("alpaca", tok)}
+    alone = [generation.generate(model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
+    waiting, asked, finished = list(prompts[3:]), [], []
+
+    def admit(room: int) -> list[str]:
+        asked.append(room)
+        if len(asked) < 3:  # the others arrive once the loop has run two steps
+            return []
+        taken = waiting[:room]
+        del waiting[:room]
+        return taken
+
+    def on_done(i: int, text: str) -> None:
+        finished.append(i)
+
+    got = generation.generate(
+        model, tok, prompts[:3], batch_size=4, admit=admit, on_done=on_done, **kw
+    )
+    assert got == alone  # numbered on after the first three, in arrival order
+    assert sorted(finished) == list(range(9)) and len(asked) > 4
+    assert finished.index(0) < finished.index(8)  # answered when done, not at the end
