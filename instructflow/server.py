@@ -1,13 +1,14 @@
 """An OpenAI-compatible chat-completions server for one model (FastAPI + uvicorn).
 
 Routes: POST /v1/chat/completions, GET /v1/models, GET /health. Messages are rendered with
-the model's training template (instructflow.templates) and answered by the same batched
-generation code the evaluate stage uses: concurrent greedy requests with the same settings share
-one continuously batched decode loop, later arrivals joining as rows finish (Batcher). Bounded: a full queue answers 429, an over-large body or prompt 413, each
-with a JSON error; one access line per request. `stream: true` is answered in the SSE format
-token by token as the batch generates (TextStream: only text the final answer surely starts
-with is sent, so the deltas add up to exactly the non-streamed answer). There is no auth, so
-the default bind is 127.0.0.1.
+the model's training template (instructflow.templates) and answered by the generation code
+the evaluate stage uses: concurrent greedy requests with the same settings share one
+continuously batched decode loop, later arrivals joining as rows finish (Batcher). Bounded: a
+full queue answers 429, an over-large body or prompt 413, each with a JSON error; one access
+line per request. `stream: true` is answered in the SSE format token by token as the batch
+generates (TextStream: only text the final answer surely starts with is sent, so the deltas
+add up to exactly the non-streamed answer). There is no auth, so the default bind is
+127.0.0.1.
 """
 
 import asyncio
