@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -25,24 +26,34 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """The address of a head node and one worker node, each with one CPU."""
+    """The address of a head node and one worker node, each with one CPU. Token auth with a
+    fresh token that the nodes and this driver share (nothing read from ~/.ray)."""
     port = free_port()
     # Ray's socket paths must stay short: not under pytest's deep tmp dirs.
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
     head = [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false"]
+    worker = [RAY, "start", f"--address=127.0.0.1:{port}"]
     try:
-        subprocess.run([*head, *common, f"--temp-dir={temp}"], env=env, check=True, timeout=120,
-                       capture_output=True)  # fmt: skip
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *common], env=env,
-                       check=True, timeout=120, capture_output=True)  # fmt: skip
+        for cmd in ([*head, *common, f"--temp-dir={temp}"], [*worker, *common]):
+            done = subprocess.run(cmd, env=env, timeout=120, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.fail(f"{' '.join(cmd[1:3])} failed: {done.stderr[-1500:]}")
         yield f"127.0.0.1:{port}"
     finally:
         import ray
 
         ray.shutdown()
         subprocess.run([RAY, "stop", "--force"], env=env, timeout=120, capture_output=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def test_ray_engine_writes_the_local_engines_artifact(home, ray_cluster):
