@@ -39,16 +39,14 @@ def prompts() -> list[str]:
     return [f"{r['instruction']}\n\n{r['input']}".strip() for r in rows]
 
 
-def start(model: str, max_batch: int, max_tokens: int):
+def _launch(command, failure: str):
+    """Start `command(port)` on a free port of 127.0.0.1 and wait for its /health: (proc, url)."""
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "instructflow.cli", "serve", "--model", model]
-    cmd += ["--port", str(port), "--max-tokens", str(max_tokens), "--max-batch", str(max_batch)]
-    cmd += ["--max-queue", "1024"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -57,7 +55,16 @@ def start(model: str, max_batch: int, max_tokens: int):
         except httpx.HTTPError:
             time.sleep(0.3)
     proc.kill()
-    raise SystemExit("server did not start")
+    raise SystemExit(failure)
+
+
+def start(model: str, max_batch: int, max_tokens: int):
+    def command(port: int) -> list[str]:
+        cmd = [sys.executable, "-m", "instructflow.cli", "serve", "--model", model]
+        cmd += ["--port", str(port), "--max-tokens", str(max_tokens)]
+        return cmd + ["--max-batch", str(max_batch), "--max-queue", "1024"]
+
+    return _launch(command, "server did not start")
 
 
 def builtin_dir() -> Path:
@@ -69,24 +76,14 @@ def builtin_dir() -> Path:
 
 def start_transformers_serve(model_dir: Path, continuous: bool):
     """`transformers serve` (transformers' own OpenAI-compatible server) on the same weights."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cli = Path(sys.executable).with_name("transformers")
-    cmd = [str(cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
-    cmd.append("--continuous-batching" if continuous else "--no-continuous-batching")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("transformers serve did not start (pip install 'transformers[serving]')")
+
+    def command(port: int) -> list[str]:
+        cmd = [str(cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        return cmd + ["--continuous-batching" if continuous else "--no-continuous-batching"]
+
+    failure = "transformers serve did not start (pip install 'transformers[serving]')"
+    return _launch(command, failure)
 
 
 MODEL_FIELD = "m"  # transformers serve needs the served model's own name here
