@@ -149,49 +149,110 @@ def _try_lines_first(data: bytes, name: str, suffix: str) -> Parsed | None:
             return None
         except (UnicodeDecodeError, ValueError):
             pass
-    parsed = Parsed(kind="jsonl")
-    first_bad: int | None = None
+    lines = _Lines(name)
     offset = 0
-    good = 0
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        start = offset
+        lines.parse(raw, lineno, offset)
         offset += len(raw) + 1
+    lines.finish(empty=not data)
+    return lines.take()
+
+
+class _Lines:
+    """JSON Lines parsing, line by line: records and rejects of the lines so far (`take`
+    hands them over), and the counts that decide the file-level errors at the end."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.parsed = Parsed(kind="jsonl")
+        self.good = 0
+        self.first_bad: int | None = None
+        self.first_reject: Reject | None = None
+
+    def parse(self, raw: bytes, lineno: int, start: int) -> None:
+        """One line (without its newline) that starts at byte `start` of the file."""
+        name = self.name
         if not raw.strip():
-            continue
+            return
         try:
             line = raw.decode("utf-8")
             if "\x00" in line:
                 raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), 0, "NUL byte")
         except UnicodeDecodeError as exc:
-            if first_bad is None:
-                first_bad = start + exc.start
+            if self.first_bad is None:
+                self.first_bad = start + exc.start
             text = raw[:200].decode("utf-8", "replace")
-            parsed.rejects.append(
-                Reject(name, lineno, "undecodable", f"not UTF-8 at byte {start + exc.start}", text)
-            )
-            continue
+            detail = f"not UTF-8 at byte {start + exc.start}"
+            self._reject(Reject(name, lineno, "undecodable", detail, text))
+            return
         try:
             value = json.loads(line)
         except ValueError as exc:
             col = getattr(exc, "colno", None)
             where = f" column {col}" if col else ""
             msg = getattr(exc, "msg", str(exc))
-            parsed.rejects.append(
-                Reject(name, lineno, "invalid_json", f"line {lineno}{where}: {msg}", line)
-            )
-            continue
-        good += 1
-        parsed.records.append(Record(lineno, value))
-    if good == 0:
-        if first_bad is not None:
-            raise DataError(f"{name}: not valid UTF-8 at byte {first_bad} (binary data?)")
-        if not parsed.rejects:
+            self._reject(Reject(name, lineno, "invalid_json", f"line {lineno}{where}: {msg}", line))
+            return
+        self.good += 1
+        self.parsed.records.append(Record(lineno, value))
+
+    def _reject(self, reject: Reject) -> None:
+        self.first_reject = self.first_reject or reject
+        self.parsed.rejects.append(reject)
+
+    def size(self) -> int:
+        return len(self.parsed.records) + len(self.parsed.rejects)
+
+    def take(self) -> Parsed:
+        parsed, self.parsed = self.parsed, Parsed(kind="jsonl")
+        return parsed
+
+    def finish(self, empty: bool) -> None:
+        """DataError when no line of the whole file parsed."""
+        if self.good:
+            return
+        name = self.name
+        if self.first_bad is not None:
+            raise DataError(f"{name}: not valid UTF-8 at byte {self.first_bad} (binary data?)")
+        if self.first_reject is None:
             raise DataError(
-                f"{name}: no rows (the file is {'empty' if not data else 'only whitespace'})"
+                f"{name}: no rows (the file is {'empty' if empty else 'only whitespace'})"
             )
-        first = parsed.rejects[0]
-        raise DataError(f"{name}: invalid JSON Lines, no line parses ({first.detail})")
-    return parsed
+        raise DataError(f"{name}: invalid JSON Lines, no line parses ({self.first_reject.detail})")
+
+
+def iter_parsed(path: Path, name: str, batch_rows: int) -> Iterator[Parsed]:
+    """`read_file` in pieces of about `batch_rows` rows. UTF-8 JSON Lines and Parquet are read
+    piece by piece, so a file of millions of rows never sits in memory whole; every other
+    kind (a JSON array, CSV, UTF-16 text) is read whole, as one piece. The pieces together
+    hold what read_file returns, and the same errors are raised (after the last piece). A
+    JSON Lines file with a byte-order mark is read whole, as read_file decodes it."""
+    suffix = path.suffix.lower()
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # A BOM makes read_file decode the whole file at once (one bad byte fails it): kept so.
+    bom = any(head.startswith(b) for b, _ in _BOMS)
+    if suffix == ".parquet" or head == b"PAR1":
+        yield from _iter_parquet(path, name, batch_rows)
+    elif suffix in (".jsonl", ".ndjson") and not bom:
+        yield from _iter_lines(path, name, batch_rows)
+    else:
+        yield read_file(path, name)
+
+
+def _iter_lines(path: Path, name: str, batch_rows: int) -> Iterator[Parsed]:
+    lines = _Lines(name)
+    offset = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            lines.parse(raw, lineno, offset)
+            offset += len(raw) + 1
+            if lines.size() >= batch_rows:
+                yield lines.take()
+    lines.finish(empty=offset == 0)
+    if lines.size():
+        yield lines.take()
 
 
 def _read_json_or_lines(text: str, name: str, suffix: str) -> Parsed:
@@ -271,16 +332,27 @@ def _read_csv(text: str, name: str, delimiter: str) -> Parsed:
 
 
 def _read_parquet(path: Path, name: str) -> Parsed:
+    records, rejects = [], []
+    for piece in _iter_parquet(path, name, 1 << 62):
+        records += piece.records
+        rejects += piece.rejects
+    return Parsed(records, rejects, kind="parquet")
+
+
+def _iter_parquet(path: Path, name: str, batch_rows: int) -> Iterator[Parsed]:
     import pyarrow.parquet as pq
 
+    row = 0
     try:
-        rows = pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=min(batch_rows, 1 << 30)):
+            values = batch.to_pylist()
+            yield Parsed([Record(row + i, v) for i, v in enumerate(values, 1)], kind="parquet")
+            row += len(values)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"{name}: not a readable Parquet file ({first})") from None
-    if not rows:
+    if not row:
         raise DataError(f"{name}: no rows (an empty Parquet table)")
-    return Parsed([Record(i, v) for i, v in enumerate(rows, start=1)], kind="parquet")
 
 
 # -- format detection ------------------------------------------------------------------------

@@ -42,3 +42,16 @@ def column(row: dict[str, Any], path: str) -> str:
     for part in path.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return "" if value is None else str(value)
+
+
+def iter_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
+    """The rows of a JSONL file, `size` at a time: what stages use to stay in bounded memory
+    on files of millions of rows."""
+    batch: list[dict[str, Any]] = []
+    for _, row in iter_jsonl(path):
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,33 +1,42 @@
 """validate: parse the downloaded files, map every row to the canonical form, reject bad rows.
 
 Every input row ends up either in `clean.jsonl` or in `rejects.jsonl` with a reason
-(rows_in == rows_out + rejected, always). Exact duplicates are found first (cheap, and 100K
-identical rows collapse to one before the TF-IDF near-duplicate pass); near-duplicates use
-scikit-learn TF-IDF char 5-grams and cosine similarity, computed block by block against the
-rows kept so far. A file that cannot be parsed, has no valid row, or has too many invalid
-rows fails the stage with one line naming the file.
+(rows_in == rows_out + rejected, always). Rows stream through in pieces of PIECE_ROWS
+(formats.iter_parsed), so a file of millions of rows never sits in memory: each piece is
+parsed, mapped and checked, and its rows go to scratch files; what stays in memory is global
+by nature: one 16-byte hash per distinct row (exact duplicates) and, for the near-duplicate
+search, MinHash signatures (above `lsh_min_rows`) or the texts (below it). Near-duplicates:
+TF-IDF char 5-gram cosine, exact below `lsh_min_rows` (scikit-learn, block by block against
+the rows kept so far), MinHash + LSH candidates from there on (instructflow.neardup). A file
+that cannot be parsed, has no valid row, or has too many invalid rows fails the stage with
+one line naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from array import array
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from instructflow import formats, plots
+from instructflow import formats, neardup, plots
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import RayConfig, ValidateConfig
 from instructflow.formats import DataError, Reject, normalise
-from instructflow.rows import write_jsonl
 from tasks.download import data_files
 
 DUPLICATE_REASONS = ("duplicate", "near_duplicate")
+PIECE_ROWS = 20_000
 _CLIP_CHARS = 2000
+_SCRATCH = ".scratch"
 
 
 def validate(
@@ -40,20 +49,25 @@ def validate(
     files = data_files(raw)
     if not files:
         raise DataError(f"{raw.dir}: the download artifact holds no data files")
-    rows, rejects, file_info = collect(files, root, cfg, ray)
-    rows, method = deduplicate(rows, rejects, cfg)
-    stats = _file_stats(file_info, rows, rejects)
-    check(stats, cfg)
-    rows_in = sum(s["rows_in"] for s in stats.values())
-    assert rows_in == len(rows) + len(rejects), "validate lost rows"
-    report = {**build_report(stats, rows, rejects), "near_duplicate_method": method}
 
     def write(tmp: Path) -> dict[str, Any]:
-        write_jsonl(tmp / "clean.jsonl", rows)
-        # ASCII escapes keep rejected text with lone surrogates writable.
-        write_jsonl(tmp / "rejects.jsonl", map(_reject_json, rejects), ascii_only=True)
+        scratch = tmp / _SCRATCH
+        scratch.mkdir()
+        try:
+            seen = collect(files, root, cfg, ray, scratch)
+            match, method = find_near_duplicates(seen, cfg)
+            stats = _file_stats(seen, match)
+            check(stats, cfg)
+            lengths = write_clean(seen, match, tmp / "clean.jsonl")
+            with open(tmp / "rejects.jsonl", "wb") as out:
+                for part in seen.reject_files:
+                    with open(part, "rb") as fh:
+                        shutil.copyfileobj(fh, out)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        report = {**build_report(stats, lengths), "near_duplicate_method": method}
         (tmp / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-        plots.text_lengths(*_lengths(rows), tmp / "length_hist.png")
+        plots.text_lengths(lengths["prompt"], lengths["output"], tmp / "length_hist.png")
         return {
             "figures": _metrics(report),
             "params": {"formats": ",".join(sorted({s["format"] for s in stats.values()}))},
@@ -69,33 +83,109 @@ def validate(
     return write_artifact(stage, write)
 
 
-# -- parse + map + per-row checks ------------------------------------------------------------
+# -- parse + map + per-row checks + exact duplicates ------------------------------------------
+
+
+@dataclass
+class Collected:
+    """What one pass over the files leaves: the distinct rows (scratch files, in order) and
+    the per-file counts; `reject_files` are concatenated into rejects.jsonl at the end."""
+
+    scratch: Path
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reasons: dict[str, Counter] = field(default_factory=dict)
+    file_of: array = field(default_factory=lambda: array("i"))  # per distinct row
+    prompt_chars: array = field(default_factory=lambda: array("i"))
+    output_chars: array = field(default_factory=lambda: array("i"))
+    turns: array = field(default_factory=lambda: array("i"))
+
+    @property
+    def rows(self) -> Path:
+        return self.scratch / "rows.jsonl"
+
+    @property
+    def texts(self) -> Path:
+        return self.scratch / "texts.jsonl"
+
+    @property
+    def reject_files(self) -> list[Path]:
+        return [self.scratch / f"rejects-{k}.jsonl" for k in ("row", "duplicate", "near")]
 
 
 def collect(
-    files: list[Path], root: Path, cfg: ValidateConfig, ray: RayConfig | None = None
-) -> tuple[list[dict[str, Any]], list[Reject], dict[str, dict[str, Any]]]:
-    rows: list[dict[str, Any]] = []
-    rejects: list[Reject] = []
-    info: dict[str, dict[str, Any]] = {}
-    for path in files:
-        name = path.relative_to(root).as_posix()
-        parsed = formats.read_file(path, name)
-        fmt = formats.detect_format(parsed.records, name, cfg.format, cfg.field_mapping)
-        info[name] = {"format": fmt, "kind": parsed.kind}
-        rejects.extend(parsed.rejects)
+    files: list[Path], root: Path, cfg: ValidateConfig, ray: RayConfig | None, scratch: Path
+) -> Collected:
+    """Parse, map and check every row; distinct rows to scratch rows.jsonl (and their texts
+    to texts.jsonl), rejects to the scratch reject files."""
+    seen = Collected(scratch)
+    first: dict[bytes, str] = {}  # hash of a distinct row's text -> its id
+    with (
+        open(seen.rows, "w", encoding="utf-8") as rows_out,
+        open(seen.texts, "w", encoding="utf-8") as texts_out,
+        open(seen.reject_files[0], "w", encoding="utf-8") as row_rejects,
+        open(seen.reject_files[1], "w", encoding="utf-8") as dup_rejects,
+    ):
+        for index, path in enumerate(files):
+            name = path.relative_to(root).as_posix()
+            reasons = seen.reasons.setdefault(name, Counter())
+            for rows, rejects in _checked_pieces(path, name, cfg, ray, seen.info):
+                for r in rejects:
+                    reasons[r.reason] += 1
+                    _write_reject(row_rejects, r)
+                for row in rows:
+                    text = _full_text(row)
+                    if cfg.drop_exact_duplicates:
+                        # 128 bits: a collision among 10^9 rows has odds near 10^-21.
+                        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
+                        j = first.setdefault(key.digest(), row["id"])
+                        if j != row["id"]:
+                            reasons["duplicate"] += 1
+                            _write_reject(dup_rejects, _dup_reject(row, "duplicate", j))
+                            continue
+                    rows_out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    texts_out.write(json.dumps(text) + "\n")
+                    seen.file_of.append(index)
+                    seen.prompt_chars.append(sum(len(m["content"]) for m in row["messages"][:-1]))
+                    seen.output_chars.append(len(row["output"]))
+                    seen.turns.append(len(row["messages"]))
+    return seen
+
+
+def _checked_pieces(
+    path: Path, name: str, cfg: ValidateConfig, ray: RayConfig | None, info: dict
+) -> Iterator[tuple[list[dict[str, Any]], list[Reject]]]:
+    """(rows, rejects) of each piece of one file; rejects in row order, so the output never
+    depends on where pieces or Ray batches were cut."""
+    fmt = None
+    size = PIECE_ROWS if ray is None else max(PIECE_ROWS, 4 * ray.batch_rows)
+    for parsed in _detectable(formats.iter_parsed(path, name, size)):
+        if fmt is None:
+            fmt = formats.detect_format(parsed.records, name, cfg.format, cfg.field_mapping)
+            info[name] = {"format": fmt, "kind": parsed.kind}
         if ray is None:
             checked = [check_records(parsed.records, name, fmt, cfg)]
         else:  # per-record work, so any cut joined in order gives the same rows and rejects
             from instructflow import ray_engine
 
-            size = ray.batch_rows
-            batches = [parsed.records[i : i + size] for i in range(0, len(parsed.records), size)]
+            recs, step = parsed.records, ray.batch_rows
+            batches = [recs[i : i + step] for i in range(0, len(recs), step)]
             checked, _ = ray_engine.map_batches(check_records, batches, (name, fmt, cfg), ray)
-        for kept, rejected in checked:
-            rows.extend(kept)
-            rejects.extend(rejected)
-    return rows, rejects, info
+        rows = [row for kept, _ in checked for row in kept]
+        rejects = [*parsed.rejects, *(r for _, rejected in checked for r in rejected)]
+        yield rows, sorted(rejects, key=lambda r: r.row)  # stable: a row's items keep order
+
+
+def _detectable(pieces: Iterator[formats.Parsed]) -> Iterator[formats.Parsed]:
+    """The pieces, the first one holding at least the 500 records detect_format samples."""
+    buffered = formats.Parsed()
+    for parsed in pieces:
+        buffered.kind = parsed.kind
+        buffered.records += parsed.records
+        buffered.rejects += parsed.rejects
+        if len(buffered.records) >= 500:
+            break
+    yield buffered
+    yield from pieces
 
 
 def check_records(
@@ -169,35 +259,67 @@ def _full_text(row: dict[str, Any]) -> str:
     return normalise("\n".join(f"{m['role']}: {m['content']}" for m in row["messages"]))
 
 
-def deduplicate(
-    rows: list[dict[str, Any]], rejects: list[Reject], cfg: ValidateConfig
-) -> tuple[list[dict[str, Any]], str | None]:
-    """Keep the first of each exact (then near-) duplicate; the others become rejects.
-    Also returns how near-duplicates were searched (None: not at all)."""
-    texts = [_full_text(r) for r in rows]
-    if cfg.drop_exact_duplicates:
-        first: dict[str, int] = {}
-        keep = []
-        for i, text in enumerate(texts):
-            j = first.setdefault(text, i)
-            if j == i:
-                keep.append(i)
-            else:
-                _reject_dup(rejects, rows[i], "duplicate", rows[j]["id"])
-        rows, texts = [rows[i] for i in keep], [texts[i] for i in keep]
-    method = None
-    if cfg.near_duplicate_threshold is not None and len(rows) > 1:
-        method = near_duplicate_method(len(rows), cfg.lsh_min_rows)
-        match = near_duplicates(texts, cfg.near_duplicate_threshold, lsh_min_rows=cfg.lsh_min_rows)
-        for j, i in sorted(match.items()):
-            _reject_dup(rejects, rows[j], "near_duplicate", rows[i]["id"])
-        rows = [r for k, r in enumerate(rows) if k not in match]
-    return rows, method
-
-
-def _reject_dup(rejects: list[Reject], row: dict[str, Any], reason: str, of: str) -> None:
+def _dup_reject(row: dict[str, Any], reason: str, of: str) -> Reject:
     data = {k: row[k] for k in ("messages", "meta")}
-    rejects.append(Reject(row["file"], row["row"], reason, f"same as {of}", data, row["id"]))
+    return Reject(row["file"], row["row"], reason, f"same as {of}", data, row["id"])
+
+
+def _write_reject(fh, reject: Reject) -> None:
+    # ASCII escapes keep rejected text with lone surrogates writable.
+    fh.write(json.dumps(_reject_json(reject)) + "\n")
+
+
+def find_near_duplicates(seen: Collected, cfg: ValidateConfig) -> tuple[dict[int, int], str | None]:
+    """{distinct row: earlier distinct row it nearly duplicates}, and how they were searched
+    (None: not at all)."""
+    n = len(seen.file_of)
+    if cfg.near_duplicate_threshold is None or n < 2:
+        return {}, None
+    method = near_duplicate_method(n, cfg.lsh_min_rows)
+    if method == "exact":  # fewer than lsh_min_rows texts: held in memory
+        texts = [json.loads(line) for line in open(seen.texts, encoding="utf-8")]
+        return near_duplicates(texts, cfg.near_duplicate_threshold), method
+    blocks = lambda: _text_blocks(seen.texts)  # noqa: E731
+    return neardup.near_duplicates(blocks, n, cfg.near_duplicate_threshold), method
+
+
+def _text_blocks(path: Path, size: int = 10_000) -> Iterator[list[str]]:
+    block: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            block.append(json.loads(line))
+            if len(block) == size:
+                yield block
+                block = []
+    if block:
+        yield block
+
+
+def write_clean(seen: Collected, match: dict[int, int], path: Path) -> dict[str, np.ndarray]:
+    """The distinct rows but near-duplicates to `path` (those to the near reject file);
+    returns the kept rows' lengths."""
+    targets = set(match.values())
+    ids: dict[int, str] = {}
+    with (
+        open(seen.rows, encoding="utf-8") as rows,
+        open(path, "w", encoding="utf-8") as out,
+        open(seen.reject_files[2], "w", encoding="utf-8") as near,
+    ):
+        for k, line in enumerate(rows):
+            if k in match:
+                row = json.loads(line)
+                _write_reject(near, _dup_reject(row, "near_duplicate", ids[match[k]]))
+                continue
+            if k in targets:  # i < j: the id is read before the rows that point to it
+                ids[k] = json.loads(line)["id"]
+            out.write(line)
+    keep = np.ones(len(seen.file_of), dtype=bool)
+    keep[list(match)] = False
+    return {
+        "prompt": np.asarray(seen.prompt_chars)[keep],
+        "output": np.asarray(seen.output_chars)[keep],
+        "turns": np.asarray(seen.turns)[keep],
+    }
 
 
 def near_duplicate_method(n_rows: int, lsh_min_rows: int | None) -> str:
@@ -215,11 +337,13 @@ def near_duplicates(
     product yields every candidate (plus pairs whose common parts alone could pass), and only
     candidates get their exact cosine. Rows are compared with rows kept so far only.
     From `lsh_min_rows` rows on, the candidates come from MinHash + LSH instead
-    (instructflow.minhash: linear cost, a pair it reports has the same exact cosine; it may
+    (instructflow.neardup: linear cost and bounded memory, cosines on hashed n-grams; it may
     miss a pair the exact search finds).
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
 
+    if near_duplicate_method(len(texts), lsh_min_rows) == "minhash_lsh":
+        return neardup.near_duplicates(neardup.in_blocks(texts), len(texts), threshold)
     try:
         X = TfidfVectorizer(
             analyzer="char_wb", ngram_range=(5, 5), sublinear_tf=True, dtype=np.float32
@@ -227,8 +351,6 @@ def near_duplicates(
     except ValueError:  # no n-grams at all
         return {}
     n = X.shape[0]
-    if near_duplicate_method(n, lsh_min_rows) == "minhash_lsh":
-        return _near_duplicates_lsh(X.tocsr(), texts, threshold)
     df = np.bincount(X.indices, minlength=X.shape[1])
     common = df > max(50, 0.02 * n)
     Xc = X.tocsc()
@@ -264,48 +386,25 @@ def near_duplicates(
     return match
 
 
-def pair_cosines(A, B, rows_a: np.ndarray, rows_b: np.ndarray, chunk: int = 200_000):
-    """Cosine of A[rows_a[k]] and B[rows_b[k]] for every k (L2-normalised sparse rows)."""
-    out = np.empty(len(rows_a), dtype=np.float64)
-    for s in range(0, len(rows_a), chunk):
-        a, b = A[rows_a[s : s + chunk]], B[rows_b[s : s + chunk]]
-        out[s : s + chunk] = np.asarray(a.multiply(b).sum(axis=1)).ravel()
-    return out
-
-
-def _near_duplicates_lsh(X, texts: list[str], threshold: float) -> dict[int, int]:
-    from instructflow import minhash
-
-    later, earlier = minhash.candidate_pairs(minhash.signatures(texts))
-    sim = pair_cosines(X, X, later, earlier)
-    sel = sim >= threshold
-    r, c = later[sel], earlier[sel]
-    order = np.lexsort((c, r))
-    kept = np.ones(X.shape[0], dtype=bool)
-    match: dict[int, int] = {}
-    # As the exact search: in row order, a row goes when an earlier row still kept matches.
-    for j, i in zip(r[order].tolist(), c[order].tolist(), strict=True):
-        if kept[j] and kept[i]:
-            kept[j] = False
-            match[j] = i
-    return match
-
-
 # -- checks, report, outputs -----------------------------------------------------------------
 
 
-def _file_stats(
-    info: dict[str, dict[str, Any]], rows: list[dict[str, Any]], rejects: list[Reject]
-) -> dict[str, dict[str, Any]]:
-    kept = Counter(r["file"] for r in rows)
+def _file_stats(seen: Collected, match: dict[int, int]) -> dict[str, dict[str, Any]]:
+    names = list(seen.reasons)
+    file_of = np.asarray(seen.file_of, dtype=np.int64)
+    kept = np.bincount(file_of, minlength=len(names))
+    near = np.bincount(file_of[list(match)], minlength=len(names))
     stats = {}
-    for name, meta in info.items():
-        reasons = Counter(r.reason for r in rejects if r.file == name)
+    for k, name in enumerate(names):
+        reasons = seen.reasons[name]
+        reasons["near_duplicate"] += int(near[k])
+        reasons = Counter({r: c for r, c in reasons.items() if c})
         n_rej = sum(reasons.values())
+        rows_out = int(kept[k] - near[k])
         stats[name] = {
-            **meta,
-            "rows_in": kept[name] + n_rej,
-            "rows_out": kept[name],
+            **seen.info.get(name, {"format": "", "kind": ""}),
+            "rows_in": rows_out + n_rej,
+            "rows_out": rows_out,
             "rejected": n_rej,
             "rejects_by_reason": dict(reasons.most_common()),
         }
@@ -328,8 +427,8 @@ def check(stats: dict[str, dict[str, Any]], cfg: ValidateConfig) -> None:
             )
 
 
-def _length_stats(values: list[int]) -> dict[str, float]:
-    if not values:
+def _length_stats(values: np.ndarray) -> dict[str, float]:
+    if not len(values):
         return {}
     arr = np.asarray(values)
     return {
@@ -342,26 +441,24 @@ def _length_stats(values: list[int]) -> dict[str, float]:
     }
 
 
-def _lengths(rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-    prompt = [sum(len(m["content"]) for m in r["messages"][:-1]) for r in rows]
-    output = [len(r["output"]) for r in rows]
-    return prompt, output
-
-
 def build_report(
-    stats: dict[str, dict[str, Any]], rows: list[dict[str, Any]], rejects: list[Reject]
+    stats: dict[str, dict[str, Any]], lengths: dict[str, np.ndarray]
 ) -> dict[str, Any]:
-    prompt, output = _lengths(rows)
+    reasons: Counter[str] = Counter()
+    for s in stats.values():
+        reasons.update(s["rejects_by_reason"])
+    rows_out = sum(s["rows_out"] for s in stats.values())
+    rejected = sum(s["rejected"] for s in stats.values())
     return {
-        "rows_in": len(rows) + len(rejects),
-        "rows_out": len(rows),
-        "rejected": len(rejects),
-        "rejects_by_reason": dict(Counter(r.reason for r in rejects).most_common()),
+        "rows_in": rows_out + rejected,
+        "rows_out": rows_out,
+        "rejected": rejected,
+        "rejects_by_reason": dict(reasons.most_common()),
         "files": stats,
         "lengths": {
-            "prompt_chars": _length_stats(prompt),
-            "output_chars": _length_stats(output),
-            "turns": _length_stats([len(r["messages"]) for r in rows]),
+            "prompt_chars": _length_stats(lengths["prompt"]),
+            "output_chars": _length_stats(lengths["output"]),
+            "turns": _length_stats(lengths["turns"]),
         },
     }
 
