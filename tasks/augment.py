@@ -7,15 +7,17 @@ user message) rephrased; it gets a new id, `augmented_from` = the source id, and
 
 from __future__ import annotations
 
+import json
 import random
+from array import array
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import AugmentConfig
-from instructflow.rows import read_jsonl, write_jsonl
 
 # name -> rewrite of an instruction; `body` is the instruction with a lower-cased first letter.
 REWRITES = {
@@ -74,31 +76,57 @@ def _augment_row(row: dict[str, Any], rng: random.Random) -> dict[str, Any] | No
 
 def augment_rows(rows: list[dict[str, Any]], cfg: AugmentConfig) -> list[dict[str, Any]]:
     """The input rows followed by augmented copies of a seeded `cfg.fraction` of them."""
-    if not cfg.enabled or cfg.fraction <= 0:
-        return list(rows)
-    rng = random.Random(cfg.seed)
     candidates = [r for r in rows if not r.get("augmented_from")]
-    chosen = rng.sample(candidates, round(len(candidates) * cfg.fraction))
-    extra = [aug for r in chosen if (aug := _augment_row(r, rng)) is not None]
-    return [*rows, *extra]
+    return [*rows, *augmented(candidates.__getitem__, len(candidates), cfg)]
+
+
+def augmented(row_at: Callable[[int], dict], n_candidates: int, cfg: AugmentConfig) -> Iterator:
+    """Augmented copies of a seeded `cfg.fraction` of the candidates (rows that are not
+    augmented themselves), in the seeded order; `row_at(k)`: the k-th candidate."""
+    if not cfg.enabled or cfg.fraction <= 0:
+        return
+    rng = random.Random(cfg.seed)
+    # Sampling indices picks what sampling the rows would (random.sample works on indices).
+    for k in rng.sample(range(n_candidates), round(n_candidates * cfg.fraction)):
+        aug = _augment_row(row_at(k), rng)
+        if aug is not None:
+            yield aug
 
 
 def augment(clean: ArtifactRef, cfg: AugmentConfig) -> ArtifactRef:
-    rows = read_jsonl(clean.file("clean.jsonl"))
-    out = augment_rows(rows, cfg)
-    added = out[len(rows) :]
-    kinds = Counter(r["meta"]["augmentation"] for r in added)
+    """Streams: the rows are copied line by line and the chosen ones read back by offset,
+    so memory holds one offset per row, not the rows."""
+    source = clean.file("clean.jsonl")
 
     def write(tmp: Path) -> dict[str, Any]:
-        write_jsonl(tmp / "rows.jsonl", out)
+        offsets = array("q")  # byte offset of every candidate row
+        rows_in = 0
+        kinds: Counter[str] = Counter()
+        with open(source, "rb") as src, open(tmp / "rows.jsonl", "wb") as out:
+            for line in iter(src.readline, b""):
+                if not line.strip():
+                    continue
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+                rows_in += 1
+                if not json.loads(line).get("augmented_from"):
+                    offsets.append(src.tell() - len(line))
+
+            def row_at(k: int) -> dict[str, Any]:
+                src.seek(offsets[k])
+                return json.loads(src.readline())
+
+            for aug in augmented(row_at, len(offsets), cfg):
+                kinds[aug["meta"]["augmentation"]] += 1
+                out.write((json.dumps(aug, ensure_ascii=False) + "\n").encode())
+        added = sum(kinds.values())
         return {
             "figures": {
-                "rows_in": len(rows),
-                "augmented": len(added),
-                "rows_out": len(out),
+                "rows_in": rows_in,
+                "augmented": added,
+                "rows_out": rows_in + added,
                 **{f"by_rewrite.{k}": v for k, v in sorted(kinds.items())},
             },
-            "summary": f"{len(rows)} rows + {len(added)} augmented",
+            "summary": f"{rows_in} rows + {added} augmented",
         }
 
     return write_artifact("augment", write)

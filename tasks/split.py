@@ -4,24 +4,29 @@ Whole groups (a row, its duplicates and its augmentations share `group`) go to o
 so nothing leaks between train and the held-out sets. Augmented rows that land in
 validation/test are dropped there: held-out sets measure the original data only. Then every
 training row whose prompt is a near-duplicate (TF-IDF char n-gram cosine >= threshold) of a
-validation/test prompt is dropped and counted.
+validation/test prompt is dropped and counted. The stage streams its input twice (groups,
+then rows), so memory holds the group assignment and the held-out prompts, not the rows.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from instructflow import neardup
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import SplitConfig
-from instructflow.rows import column, read_jsonl, write_jsonl
-from tasks.validate import near_duplicate_method, pair_cosines
+from instructflow.rows import column, iter_batches, read_jsonl
+from tasks.validate import near_duplicate_method
 
 SPLITS = ("train", "validation", "test")
 
@@ -56,10 +61,18 @@ def assign_groups(
     groups: list[str], strata: list[str] | None, cfg: SplitConfig
 ) -> tuple[dict[str, str], bool]:
     """group -> split name, with scikit-learn's (optionally stratified) shuffle split."""
+    codes, stratified = split_codes(len(groups), strata, cfg)
+    return {g: SPLITS[c] for g, c in zip(groups, codes, strict=True)}, stratified
+
+
+def split_codes(
+    n_groups: int, strata: list[str] | None, cfg: SplitConfig
+) -> tuple[np.ndarray, bool]:
+    """Per group (in order of first appearance), its split's index in SPLITS."""
     from sklearn.model_selection import train_test_split
 
-    n_val, n_test = _sizes(len(groups), cfg)
-    order = np.arange(len(groups))
+    n_val, n_test = _sizes(n_groups, cfg)
+    order = np.arange(n_groups)
 
     def cut(idx: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
         if size == 0:
@@ -75,12 +88,11 @@ def assign_groups(
         return a, b, False
 
     rest, test, strat_test = cut(order, n_test, cfg.seed)
-    train, val, strat_val = cut(rest, n_val, cfg.seed + 1)
-    stratified = strat_test and strat_val
-    out = {groups[i]: "train" for i in train}
-    out.update({groups[i]: "validation" for i in val})
-    out.update({groups[i]: "test" for i in test})
-    return out, stratified
+    _, val, strat_val = cut(rest, n_val, cfg.seed + 1)
+    codes = np.zeros(n_groups, dtype=np.int8)  # train
+    codes[val] = SPLITS.index("validation")
+    codes[test] = SPLITS.index("test")
+    return codes, strat_test and strat_val
 
 
 def decontaminate(
@@ -89,102 +101,203 @@ def decontaminate(
     threshold: float,
     lsh_min_rows: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(kept, dropped) training rows; dropped ones are near-duplicates of a held-out prompt.
-    Exact (every train row against every held-out row) below `lsh_min_rows` rows in all;
-    from there on only MinHash + LSH candidates are scored (tasks/validate.near_duplicates)."""
+    """(kept, dropped) training rows; dropped ones are near-duplicates of a held-out prompt."""
     if not train or not held_out:
         return train, []
+    prompts = [prompt_text(r) for r in train]
+    blocks = neardup.in_blocks(prompts)
+    drop = contaminated(blocks, len(train), [prompt_text(r) for r in held_out], threshold,
+                        lsh_min_rows)  # fmt: skip
+    kept = [r for r, d in zip(train, drop, strict=True) if not d]
+    return kept, [r for r, d in zip(train, drop, strict=True) if d]
+
+
+def contaminated(
+    train: neardup.Blocks,
+    n_train: int,
+    held_out: list[str],
+    threshold: float,
+    lsh_min_rows: int | None = None,
+) -> np.ndarray:
+    """Mask of the training prompts (read block by block) that are near-duplicates (TF-IDF
+    char 3-5-gram cosine >= threshold) of a held-out prompt. Exact (every train row against
+    every held-out row, texts in memory) below `lsh_min_rows` rows in all; from there on only
+    MinHash + LSH candidates are scored (instructflow.neardup), in bounded memory."""
+    if near_duplicate_method(n_train + len(held_out), lsh_min_rows) == "minhash_lsh":
+        return neardup.contaminated(train, n_train, held_out, threshold)
     from sklearn.feature_extraction.text import TfidfVectorizer
 
+    prompts = [t for block in train() for t in block]
     vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), lowercase=True)
-    vec.fit([prompt_text(r) for r in held_out + train])
-    cand = vec.transform([prompt_text(r) for r in train]).tocsr()
-    best = np.zeros(len(train))
-    if near_duplicate_method(len(train) + len(held_out), lsh_min_rows) == "minhash_lsh":
-        from instructflow import minhash
-
-        ref_rows = vec.transform([prompt_text(r) for r in held_out]).tocsr()
-        sig = minhash.signatures([prompt_text(r) for r in train + held_out])
-        t, h = minhash.query_pairs(sig[: len(train)], sig[len(train) :])
-        np.maximum.at(best, t, pair_cosines(cand, ref_rows, t, h))
-        return _apart(train, best >= threshold)
-    ref = vec.transform([prompt_text(r) for r in held_out]).T.tocsc()
+    vec.fit(held_out + prompts)
+    cand = vec.transform(prompts).tocsr()
+    ref = vec.transform(held_out).T.tocsc()
+    best = np.zeros(n_train)
     # Chunks keep the sparse similarity products small on 10^4 x 10^3 inputs.
-    for start in range(0, len(train), 2000):
+    for start in range(0, n_train, 2000):
         sims = (cand[start : start + 2000] @ ref).max(axis=1)
         best[start : start + 2000] = sims.toarray().ravel()
-    return _apart(train, best >= threshold)
+    return best >= threshold
 
 
-def _apart(rows: list[dict[str, Any]], drop: np.ndarray) -> tuple[list, list]:
-    kept = [r for r, d in zip(rows, drop, strict=True) if not d]
-    dropped = [r for r, d in zip(rows, drop, strict=True) if d]
-    return kept, dropped
+class _Parts:
+    """Where split puts rows: lists in memory (split_rows) or files (the stage). Training
+    rows are held back (`train_candidates`) until decontamination has decided."""
+
+    def __init__(self):
+        self.lists: dict[str, list] = {name: [] for name in SPLITS}
+
+    def add(self, name: str, row: dict[str, Any]) -> None:
+        self.lists[name].append(row)
+
+    def train_prompts(self) -> neardup.Blocks:
+        return neardup.in_blocks([prompt_text(r) for r in self.lists["train"]])
+
+    def finish(self, drop: np.ndarray | None) -> list[dict[str, Any]]:
+        """Keep the training rows not in `drop`; the rows dropped."""
+        if drop is None:
+            return []
+        train = self.lists["train"]
+        self.lists["train"] = [r for r, d in zip(train, drop, strict=True) if not d]
+        return [r for r, d in zip(train, drop, strict=True) if d]
+
+
+class _FileParts(_Parts):
+    def __init__(self, out: Path):
+        self.out = out
+        self.scratch = out / ".scratch"
+        self.scratch.mkdir()
+        names = {"train": self.scratch / "train.jsonl", "validation": out / "validation.jsonl"}
+        names["test"] = out / "test.jsonl"
+        self.files = {k: open(p, "w", encoding="utf-8") for k, p in names.items()}  # noqa: SIM115
+        self.prompts = open(self.scratch / "prompts.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+
+    def add(self, name: str, row: dict[str, Any]) -> None:
+        self.files[name].write(json.dumps(row, ensure_ascii=False) + "\n")
+        if name == "train":
+            self.prompts.write(json.dumps(prompt_text(row)) + "\n")
+
+    def train_prompts(self) -> neardup.Blocks:
+        for fh in (*self.files.values(), self.prompts):
+            fh.flush()
+        return lambda: _string_blocks(self.scratch / "prompts.jsonl")
+
+    def finish(self, drop: np.ndarray | None) -> list[dict[str, Any]]:
+        for fh in (*self.files.values(), self.prompts):
+            fh.close()
+        dropped = []
+        with (
+            open(self.scratch / "train.jsonl", encoding="utf-8") as rows,
+            open(self.out / "train.jsonl", "w", encoding="utf-8") as out,
+        ):
+            for k, line in enumerate(rows):
+                if drop is not None and drop[k]:
+                    dropped.append(json.loads(line))
+                else:
+                    out.write(line)
+        shutil.rmtree(self.scratch)
+        return dropped
+
+
+def _string_blocks(path: Path, size: int = 10_000) -> Iterator[list[str]]:
+    with open(path, encoding="utf-8") as fh:
+        block = [json.loads(line) for line in islice(fh, size)]
+        while block:
+            yield block
+            block = [json.loads(line) for line in islice(fh, size)]
+
+
+def _group_of(row: dict[str, Any]) -> str:
+    return row.get("group") or row["id"]
 
 
 def split_rows(rows: list[dict[str, Any]], cfg: SplitConfig) -> tuple[dict[str, list], dict]:
-    """Rows per split and a report of the counts."""
-    if len(rows) < 3:
-        raise SplitError(f"only {len(rows)} rows: too few to split")
-    groups = list(dict.fromkeys(r.get("group") or r["id"] for r in rows))
-    strata = None
-    if cfg.stratify_by:
-        first: dict[str, str] = {}
-        for r in rows:
-            first.setdefault(r.get("group") or r["id"], column(r, cfg.stratify_by))
-        strata = [first[g] for g in groups]
-    where, stratified = assign_groups(groups, strata, cfg)
-    out: dict[str, list] = {name: [] for name in SPLITS}
+    """Rows per split and a report of the counts (in memory; the stage streams files)."""
+    parts = _Parts()
+    report = split_stream(lambda: [rows], cfg, parts)
+    return parts.lists, report
+
+
+def split_stream(batches: Callable[[], Iterable[list]], cfg: SplitConfig, parts: _Parts) -> dict:
+    """Split the rows of `batches` (read twice: groups first, then rows) into `parts`; the
+    report. In memory beyond one batch: the groups' assignment and the held-out prompts."""
+    index: dict[str, int] = {}  # group -> order of first appearance
+    first_stratum: list[str] = []
+    n_rows = 0
+    for batch in batches():
+        for r in batch:
+            n_rows += 1
+            if index.setdefault(_group_of(r), len(index)) == len(first_stratum):
+                first_stratum.append(column(r, cfg.stratify_by) if cfg.stratify_by else "")
+    if n_rows < 3:
+        raise SplitError(f"only {n_rows} rows: too few to split")
+    strata = first_stratum if cfg.stratify_by else None
+    where, stratified = split_codes(len(index), strata, cfg)
+    del first_stratum
+    counts = {name: 0 for name in SPLITS}
+    sources: dict[str, Counter] = {name: Counter() for name in SPLITS}
+    strata_counts: dict[str, Counter] = {name: Counter() for name in SPLITS}
+    held_prompts: list[str] = []
     augmented_dropped = 0
-    for r in rows:
-        name = where[r.get("group") or r["id"]]
-        # Augmented rows and a mix's repeats are copies of a row: never evaluated on.
-        if name != "train" and (r.get("augmented_from") or r.get("repeat_of")):
-            augmented_dropped += 1
-            continue
-        out[name].append(r)
-    dropped: list[dict[str, Any]] = []
+    any_source = False
+    for batch in batches():
+        for r in batch:
+            name = SPLITS[where[index[_group_of(r)]]]
+            # Augmented rows and a mix's repeats are copies of a row: never evaluated on.
+            if name != "train" and (r.get("augmented_from") or r.get("repeat_of")):
+                augmented_dropped += 1
+                continue
+            parts.add(name, r)
+            counts[name] += 1
+            any_source = any_source or bool(r.get("source"))
+            sources[name][r.get("source", "")] += 1
+            if cfg.stratify_by:
+                strata_counts[name][column(r, cfg.stratify_by)] += 1
+            if name != "train" and cfg.decontaminate:
+                held_prompts.append(prompt_text(r))
+    n_groups = len(index)
+    del index, where
+    drop, method = None, None
     if cfg.decontaminate:
-        held = out["validation"] + out["test"]
-        out["train"], dropped = decontaminate(
-            out["train"], held, cfg.decontamination_threshold, cfg.lsh_min_rows
-        )
-    if not out["train"]:
+        method = near_duplicate_method(counts["train"] + len(held_prompts), cfg.lsh_min_rows)
+        if counts["train"] and held_prompts:
+            threshold = cfg.decontamination_threshold
+            blocks = parts.train_prompts()
+            drop = contaminated(blocks, counts["train"], held_prompts, threshold, cfg.lsh_min_rows)
+    dropped = parts.finish(drop)
+    counts["train"] -= len(dropped)
+    for r in dropped:  # the counts are of what the files hold
+        sources["train"][r.get("source", "")] -= 1
+        if cfg.stratify_by:
+            strata_counts["train"][column(r, cfg.stratify_by)] -= 1
+    if not counts["train"]:
         raise SplitError("no training rows left after decontamination")
     report = {
-        "rows_in": len(rows),
-        "groups": len(groups),
-        "rows": {name: len(out[name]) for name in SPLITS},
+        "rows_in": n_rows,
+        "groups": n_groups,
+        "rows": counts,
         "stratify_by": cfg.stratify_by,
         "stratified": bool(strata is not None and stratified),
         "augmented_dropped_from_eval": augmented_dropped,
         "decontaminated": len(dropped),
-        "decontamination_method": near_duplicate_method(len(rows), cfg.lsh_min_rows)
-        if cfg.decontaminate
-        else None,
-        "decontaminated_ids": [r["id"] for r in dropped][:1000],
+        "decontamination_method": method,
+        "decontaminated_ids": [r["id"] for r in dropped[:1000]],
     }
-    if any(r.get("source") for r in rows):  # several data.sources: the counts per source
-        report["sources"] = {
-            name: dict(Counter(r.get("source", "") for r in out[name])) for name in SPLITS
-        }
+    if any_source:  # several data.sources: the counts per source
+        report["sources"] = {name: dict(+sources[name]) for name in SPLITS}
     if cfg.stratify_by:
-        report["strata"] = {
-            name: dict(Counter(column(r, cfg.stratify_by) for r in out[name])) for name in SPLITS
-        }
-    return out, report
+        report["strata"] = {name: dict(+strata_counts[name]) for name in SPLITS}
+    return report
 
 
 def split(augmented: ArtifactRef, cfg: SplitConfig) -> ArtifactRef:
-    rows = read_jsonl(augmented.file("rows.jsonl"))
-    try:
-        parts, report = split_rows(rows, cfg)
-    except SplitError as exc:
-        raise SplitError(f"{augmented.file('rows.jsonl')}: {exc}") from None
+    path = augmented.file("rows.jsonl")
 
     def write(tmp: Path) -> dict[str, Any]:
-        for name in SPLITS:
-            write_jsonl(tmp / f"{name}.jsonl", parts[name])
+        try:
+            report = split_stream(lambda: iter_batches(path, 10_000), cfg, _FileParts(tmp))
+        except SplitError as exc:
+            raise SplitError(f"{path}: {exc}") from None
         (tmp / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
         n = report["rows"]
         return {
