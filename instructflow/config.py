@@ -337,12 +337,13 @@ class TokenizeConfig(Section):
     truncation: Literal["drop", "truncate"] = "drop"
     batch_size: Int = Field(default=1000, ge=1, le=1_000_000)
     # auto: ids via tiktoken where it reproduces the tokenizer (checked on a sample of every
-    # split, see instructflow.fast_bpe), else the tokenizer's own backend; tokenizers: always
+    # batch, see instructflow.fast_bpe), else the tokenizer's own backend; tokenizers: always
     # the latter.
     engine: Literal["auto", "tokenizers"] = "auto"
-    # Rows encoded per unit of work: one batch in memory at a time here, one task per batch on
-    # the Ray engine (both cut the same batches, so both write the same artifact).
-    batch_rows: Int = Field(default=100_000, ge=1, le=100_000_000)
+    # Rows encoded per unit of work: one batch in memory at a time here (~0.4 GB at 20,000
+    # Alpaca-sized rows), one task per batch on the Ray engine (both cut the same batches, so
+    # both write the same artifact); each batch is one Arrow shard of its split.
+    batch_rows: Int = Field(default=20_000, ge=1, le=100_000_000)
 
 
 class RayConfig(Section):
@@ -352,9 +353,10 @@ class RayConfig(Section):
     # Client, e.g. a KubeRay head service); null: a Ray started on this machine for the run.
     address: OptionalText = None
     num_cpus_per_task: Float = Field(default=1.0, gt=0, le=1024)
-    # Rows per validate task (its work is per row: any cut gives the same artifact);
-    # tokenize cuts its batches by tokenize.batch_rows, here and on Ray alike.
-    batch_rows: Int = Field(default=50_000, ge=1, le=100_000_000)
+    # Rows per validate task (its work is per row: any cut gives the same artifact; the driver
+    # holds 4 tasks' rows at a time); tokenize cuts its batches by tokenize.batch_rows, here
+    # and on Ray alike.
+    batch_rows: Int = Field(default=10_000, ge=1, le=100_000_000)
 
 
 class ModelConfig(Section):

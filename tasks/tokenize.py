@@ -1,18 +1,23 @@
 """tokenize: render rows with a prompt template and write token ids + labels as Arrow.
 
+Each split is read and encoded in batches of tokenize.batch_rows rows (here, or as Ray
+tasks a few batches at a time), and each batch is saved as soon as it is encoded, so memory
+holds one batch, not the split.
+
 Fast path ("segments"): every row is a list of (text, trainable) segments (see
-instructflow.templates). The distinct segment texts of a whole split (the template's fixed
+instructflow.templates). The distinct segment texts of a whole batch (the template's fixed
 pieces appear once) are tokenised in ONE batched fast-tokenizer call, and each row's ids are
 the concatenation of its segments' ids; labels follow the segment flags. That equals
 tokenising the whole text when no BPE pre-token crosses a segment boundary, which holds for
 byte-level BPE tokenizers here because templates put boundaries next to newlines or special
-tokens. It is checked on up to 256 rows spread over the whole split; if any differs (e.g. a
+tokens. It is checked on up to 256 rows spread over the whole batch; if any differs (e.g. a
 Metaspace/SentencePiece tokenizer, or a Llama-3-style regex that glues punctuation to following
 newlines), the stage uses the "offsets" path: one batched call over whole texts, labels from
 character offsets. Labels, either way: a token is trained iff any of its characters belongs to
 a trainable segment, so a token straddling the prompt/answer boundary is trained
 (`boundary_labels`). The evaluate stage scores perplexity on exactly these ids and labels.
-Arrays go straight into pyarrow (int32 lists) and `datasets.Dataset.save_to_disk`.
+Arrays go straight into pyarrow (int32 lists); each split is one `datasets.load_from_disk`
+directory with an Arrow shard per batch (`ShardedSave`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from itertools import chain
+import shutil
+from collections.abc import Iterator
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +37,14 @@ from instructflow import fast_bpe, loading, plots, templates
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import RayConfig, TokenizeConfig
-from tasks.split import SPLITS, read_split
+from instructflow.rows import iter_batches
+from tasks.split import SPLITS
 
 IGNORE = templates.IGNORE_INDEX
 CHECK_ROWS = 256
+# Batches in flight at once on the Ray engine: the driver holds a window's rows and tables,
+# so this bounds its memory (at the cost of idling a cluster with more task slots).
+RAY_WINDOW = 4
 
 
 def fast_backend(tokenizer):
@@ -194,7 +205,7 @@ def spread_sample(n: int, k: int = CHECK_ROWS) -> np.ndarray:
 
 def segments_match(backend, segs: list[templates.Segments], enc: Encoded, affix: int) -> bool:
     """Does concatenating segment ids equal tokenising the whole text, on rows spread over the
-    whole split?"""
+    whole batch?"""
     sample = spread_sample(len(segs))
     whole = encode_batch(backend, ["".join(t for t, _ in segs[i]) for i in sample])
     starts = np.concatenate([[0], np.cumsum(enc.lengths)])
@@ -265,53 +276,128 @@ def encode_rows(
     return table, {**counts, "method": method, "engine": enc.engine}
 
 
-def encode_split(
-    rows: list[dict[str, Any]], tokenizer, cfg: TokenizeConfig, backend, ray: RayConfig | None
-) -> tuple[Any, dict[str, Any], int]:
-    """encode_rows over batches of cfg.batch_rows rows (here, or as Ray tasks), joined in
-    order: (table, counts, how many Ray nodes took part; 0 for the local engine)."""
-    size = cfg.batch_rows
-    batches = [rows[i : i + size] for i in range(0, len(rows), size)] or [rows]
+def split_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
+    """iter_batches, but an empty file is one empty batch, as it always was: it saves an
+    empty dataset."""
+    batches = iter_batches(path, size)
+    yield next(batches, [])
+    yield from batches
+
+
+def encoded_batches(
+    path: Path, tokenizer, cfg: TokenizeConfig, backend, ray: RayConfig | None
+) -> Iterator[tuple[Any, dict[str, Any], int]]:
+    """encode_rows over a JSONL file's batches of cfg.batch_rows rows, in order, here or as
+    Ray tasks RAY_WINDOW batches at a time: (table, counts, how many Ray nodes ran its window;
+    0 for the local engine)."""
+    batches = split_batches(path, cfg.batch_rows)
     if ray is None:
-        results, nodes = [encode_rows(b, tokenizer, cfg, backend) for b in batches], 0
-    else:
-        from instructflow import ray_engine
+        for rows in batches:
+            yield *encode_rows(rows, tokenizer, cfg, backend), 0
+            del rows  # before the next batch is read: one batch of rows in memory, not two
+        return
+    from instructflow import ray_engine
 
-        results, nodes = ray_engine.map_batches(encode_rows, batches, (tokenizer, cfg), ray)
-    return (*join_batches(results), nodes)
+    while window := list(islice(batches, RAY_WINDOW)):
+        results, nodes = ray_engine.map_batches(encode_rows, window, (tokenizer, cfg), ray)
+        del window  # as above: encoded rows go before the next window is read
+        results.reverse()
+        while results:  # popped, so a table is freed once saved, not after its whole window
+            yield *results.pop(), nodes
 
 
-def join_batches(results: list[tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
-    """One table (a single chunk, so equal data saves to equal bytes) and summed counts."""
-    import pyarrow as pa
-
-    table = pa.concat_tables([t for t, _ in results]).combine_chunks()
-    counts = {
-        k: sum(c[k] for _, c in results) for k, v in results[0][1].items() if isinstance(v, int)
-    }
+def join_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batches' counts as one split's: numbers summed, methods/engines joined."""
+    counts = {k: sum(c[k] for c in parts) for k, v in parts[0].items() if isinstance(v, int)}
     for k in ("method", "engine"):
-        counts[k] = "+".join(sorted({c[k] for _, c in results}))
-    return table, counts
+        counts[k] = "+".join(sorted({c[k] for c in parts}))
+    return counts
 
 
-def save_table(table, path: Path) -> None:
-    """save_to_disk with a content fingerprint, so equal data gives byte-equal artifacts."""
-    import datasets
+def tokenize_split(
+    path: Path, out: Path, tokenizer, cfg: TokenizeConfig, backend, ray: RayConfig | None
+) -> tuple[dict[str, Any], np.ndarray, int]:
+    """Encode one split file and save it to `out`, each batch as soon as it is encoded:
+    (counts, row lengths, how many Ray nodes took part)."""
+    writer = ShardedSave(out)
+    counts, lengths, nodes = [], [], 0
+    for table, batch_counts, used in encoded_batches(path, tokenizer, cfg, backend, ray):
+        writer.add(table)
+        counts.append(batch_counts)
+        lengths.append(table.column("length").to_numpy())
+        nodes = max(nodes, used)
+        del table  # saved: free it before the next batch is encoded
+    writer.close()
+    return join_counts(counts), np.concatenate(lengths), nodes
 
-    h = hashlib.sha256()
+
+def hash_buffers(h, table) -> None:
+    """Feed every buffer of `table` (column by column) into the hash `h`."""
     for col in table.columns:
         for chunk in col.chunks:
             for buf in chunk.buffers():
                 if buf is not None:
                     h.update(buf)
-    ds = datasets.Dataset(table, fingerprint=h.hexdigest()[:16])
+
+
+def save_dataset(table, path: Path, fingerprint: str) -> None:
+    """datasets' save_to_disk, quietly: the CLI has its own progress view."""
+    import datasets
+
     quiet = datasets.utils.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # the CLI has its own progress view
+    datasets.disable_progress_bars()
     try:
-        ds.save_to_disk(str(path))
+        datasets.Dataset(table, fingerprint=fingerprint).save_to_disk(str(path))
     finally:
         if not quiet:
             datasets.enable_progress_bars()
+
+
+def save_table(table, path: Path) -> None:
+    """save_to_disk with a content fingerprint, so equal data gives byte-equal artifacts."""
+    h = hashlib.sha256()
+    hash_buffers(h, table)
+    save_dataset(table, path, h.hexdigest()[:16])
+
+
+class ShardedSave:
+    """A save_to_disk directory written one table at a time, so only one is ever in memory.
+
+    Each table is saved on its own into a scratch dir beside `path` (datasets sizes its shards:
+    one, none for an empty table, more only past 500 MB); close() moves all the shards into
+    `path`, renamed data-i-of-N in order, and writes the state naming them all. The fingerprint
+    hashes every table's buffers in order, so equal data gives byte-equal artifacts, and one
+    table gives exactly save_table's files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.scratch = path.with_name(f".{path.name}.parts")
+        self.hash = hashlib.sha256()
+        self.parts: list[Path] = []
+
+    def add(self, table) -> None:
+        hash_buffers(self.hash, table)
+        part = self.scratch / f"{len(self.parts):06d}"
+        # The running fingerprint: the last part's state then holds the whole split's.
+        save_dataset(table, part, self.hash.hexdigest()[:16])
+        self.parts.append(part)
+
+    def close(self) -> None:
+        from datasets import config
+
+        shards = [f for part in self.parts for f in sorted(part.glob("data-*.arrow"))]
+        self.path.mkdir()
+        names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
+        for shard, name in zip(shards, names, strict=True):
+            shard.rename(self.path / name)
+        last = self.parts[-1]
+        state = json.loads((last / config.DATASET_STATE_JSON_FILENAME).read_text("utf-8"))
+        state["_data_files"] = [{"filename": name} for name in names]
+        # As save_to_disk writes it, so a single part's state comes out byte-identical.
+        text = json.dumps(state, indent=2, sort_keys=True)
+        (self.path / config.DATASET_STATE_JSON_FILENAME).write_text(text, encoding="utf-8")
+        (last / config.DATASET_INFO_FILENAME).rename(self.path / config.DATASET_INFO_FILENAME)
+        shutil.rmtree(self.scratch)  # write_artifact digests every file left in its tmp dir
 
 
 def length_stats(lengths: np.ndarray) -> dict[str, float]:
@@ -341,10 +427,9 @@ def tokenize(
         lengths: dict[str, np.ndarray] = {}
         nodes = 0
         for name in SPLITS:
-            table, counts, used = encode_split(read_split(splits, name), tok, cfg, backend, ray)
+            path = splits.file(f"{name}.jsonl")
+            counts, lengths[name], used = tokenize_split(path, tmp / name, tok, cfg, backend, ray)
             nodes = max(nodes, used)
-            save_table(table, tmp / name)
-            lengths[name] = table.column("length").to_numpy()
             report["splits"][name] = {**counts, **length_stats(lengths[name])}
         parts = report["splits"].values()
         total = {k: sum(p[k] for p in parts) for k in ("rows", "tokens", "trainable_tokens")}

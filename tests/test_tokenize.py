@@ -198,3 +198,39 @@ def test_threaded_batch_gives_the_same_ids_and_restores_the_setting(tok, monkeyp
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert tk.encode_batch(tok.backend_tokenizer, texts) == single
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_small_batches_save_one_shard_each_with_the_one_batch_rows_and_figures(home, tmp_path):
+    from pathlib import Path
+
+    from datasets import load_from_disk
+
+    from instructflow.config import ModelConfig
+    from instructflow.loading import load_tokenizer
+    from tasks.base_model import prepare_tokenizer
+    from tasks.split import SPLITS, read_split
+    from tasks.tokenize import save_table
+
+    splits, tokenizer = demo_split(60), prepare_tokenizer(ModelConfig())
+    whole_cfg = TokenizeConfig(template="chatml", max_length=64)
+    small_cfg = whole_cfg.model_copy(update={"batch_rows": 7})
+    whole, small = tokenize(splits, tokenizer, whole_cfg), tokenize(splits, tokenizer, small_cfg)
+    n_train = len(read_split(splits, "train"))
+    shards = sorted(p.name for p in small.file("train").glob("*.arrow"))
+    n = -(-n_train // 7)
+    assert n > 3 and shards == [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
+    for name in SPLITS:
+        got, want = load_from_disk(str(small.file(name))), load_from_disk(str(whole.file(name)))
+        for col in ("input_ids", "labels", "length"):
+            assert got[col] == want[col]
+    assert small.file("report.json").read_text() == whole.file("report.json").read_text()
+    assert small.figures == whole.figures
+    # No scratch left behind, and equal data gives the same bytes again.
+    assert not [p for p in Path(small.path).rglob("*") if p.name.startswith(".")]
+    assert tokenize(splits, tokenizer, small_cfg).digest == small.digest
+    # A split of one batch is saved exactly as save_table saves the whole split's table.
+    rows = read_split(splits, "validation")
+    assert len(rows) <= 7
+    save_table(encode_rows(rows, load_tokenizer(tokenizer), small_cfg)[0], tmp_path / "one")
+    one = {f.name: f.read_bytes() for f in (tmp_path / "one").iterdir()}
+    assert {f.name: f.read_bytes() for f in small.file("validation").iterdir()} == one
