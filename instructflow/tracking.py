@@ -236,16 +236,26 @@ def log_stage(run_id: str, ref: ArtifactRef, step_metrics: bool = True) -> dict[
     return {**figures, **metrics}
 
 
+# A dataset input's schema comes from its first rows: reading a million-row file into pandas
+# to log it would take GBs for the same schema.
+SCHEMA_ROWS = 10_000
+
+
 def _log_dataset(ref: ArtifactRef, ds: dict[str, Any]) -> None:
     import pandas as pd
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
 
     import mlflow
 
     path = ref.file(ds["file"])
     # MLflow's own digest hashes only the first 10,000 rows: pass the file's full sha256.
     digest = sha256_file(path)[:16]
+    rows = None
     if path.suffix == ".jsonl":
-        frame = pd.read_json(path, lines=True, dtype=False)
+        with open(path, "rb") as fh:
+            rows = sum(1 for line in fh if line.strip())
+        frame = pd.read_json(path, lines=True, dtype=False, nrows=SCHEMA_ROWS) if rows else None
+        frame = frame if frame is not None else pd.DataFrame()
     elif path.suffix == ".parquet":
         frame = pd.read_parquet(path)
     else:
@@ -254,10 +264,35 @@ def _log_dataset(ref: ArtifactRef, ds: dict[str, Any]) -> None:
     with warnings.catch_warnings():
         # Schema hints about integer columns and "ambiguous" local sources: noise here.
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            frame, source=str(path), name=ds.get("name", path.stem), digest=digest
+        dataset = _RowsDataset(
+            frame,
+            rows if rows is not None else len(frame),
+            source=resolve_dataset_source(str(path)),
+            name=ds.get("name", path.stem),
+            digest=digest,
         )
         mlflow.log_input(dataset, context=ds.get("context", "train"))
+
+
+def _rows_dataset_class():
+    from mlflow.data.pandas_dataset import PandasDataset
+
+    class RowsDataset(PandasDataset):
+        """A pandas dataset of a file's first rows whose profile counts the whole file."""
+
+        def __init__(self, df, rows: int, **kwargs):
+            super().__init__(df, **kwargs)
+            self._rows = rows
+
+        @property
+        def profile(self) -> dict[str, int]:
+            return {"num_rows": self._rows, "num_elements": self._rows * len(self._df.columns)}
+
+    return RowsDataset
+
+
+def _RowsDataset(df, rows: int, **kwargs):  # noqa: N802 - stands for the class, built lazily
+    return _rows_dataset_class()(df, rows, **kwargs)
 
 
 class _active:
