@@ -127,26 +127,50 @@ def query_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(query row, ref row) pairs sharing a band bucket, unique; each query row meets at most
     MAX_PER_BUCKET ref rows per band. `min_jaccard`: as for candidate_pairs."""
-    pairs = []
-    nq = query.shape[0]
-    # Keyed together, so equal band values get one key in both.
-    for key in _band_keys(np.concatenate([query, ref])):
-        qk, rk = key[:nq], key[nq:]
-        order = np.argsort(rk, kind="stable")
-        sorted_keys = rk[order]
-        lo = np.searchsorted(sorted_keys, qk, side="left")
-        hi = np.minimum(np.searchsorted(sorted_keys, qk, side="right"), lo + MAX_PER_BUCKET)
-        counts = hi - lo
-        if not counts.any():
-            continue
-        q_rows = np.repeat(np.arange(nq), counts)
-        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        ref_rows = order[np.repeat(lo, counts) + offsets]
-        if min_jaccard > 0:
-            close = agreement(query, ref, q_rows, ref_rows) >= min_jaccard
-            q_rows, ref_rows = q_rows[close], ref_rows[close]
-        pairs.append(np.stack([q_rows, ref_rows], 1))
-    if not pairs:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    both_pairs = np.unique(np.concatenate(pairs), axis=0)
-    return both_pairs[:, 0], both_pairs[:, 1]
+    return BandIndex(ref).query(query, min_jaccard)
+
+
+class BandIndex:
+    """The band buckets of a reference set, sorted once, so that each block of queries costs
+    O(block x log ref) rather than a pass over the whole reference set."""
+
+    def __init__(self, ref: np.ndarray):
+        self.ref = ref
+        self.bands = []
+        for key in _band_hashes(ref):
+            order = np.argsort(key, kind="stable")
+            self.bands.append((key[order], order))
+
+    def query(self, query: np.ndarray, min_jaccard: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        pairs = []
+        nq = query.shape[0]
+        for key, (sorted_keys, order) in zip(_band_hashes(query), self.bands, strict=True):
+            lo = np.searchsorted(sorted_keys, key, side="left")
+            hi = np.minimum(np.searchsorted(sorted_keys, key, side="right"), lo + MAX_PER_BUCKET)
+            counts = hi - lo
+            if not counts.any():
+                continue
+            q_rows = np.repeat(np.arange(nq), counts)
+            offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            ref_rows = order[np.repeat(lo, counts) + offsets]
+            if min_jaccard > 0:
+                close = agreement(query, self.ref, q_rows, ref_rows) >= min_jaccard
+                q_rows, ref_rows = q_rows[close], ref_rows[close]
+            pairs.append(np.stack([q_rows, ref_rows], 1))
+        if not pairs:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        both = np.unique(np.concatenate(pairs), axis=0)
+        return both[:, 0], both[:, 1]
+
+
+def _band_hashes(sig: np.ndarray) -> Iterator[np.ndarray]:
+    """Per band, one 64-bit hash per row of its values: equal values, equal hash, in any set
+    (unlike _band_keys, which numbers the values of one set). Two different bands colliding
+    (odds ~n^2 / 2^64) only add a candidate, which is scored like any other."""
+    mult = np.uint64(0x9E3779B97F4A7C15)
+    for band in range(BANDS):
+        h = np.zeros(sig.shape[0], dtype=np.uint64)
+        for col in range(band * ROWS_PER_BAND, (band + 1) * ROWS_PER_BAND):
+            h = (h ^ sig[:, col].astype(np.uint64)) * mult  # wraps mod 2**64 by design
+            h ^= h >> np.uint64(29)
+        yield h

@@ -150,11 +150,11 @@ def contaminated(train: Blocks, n_train: int, held_out: list[str], threshold: fl
     held = in_blocks(held_out)
     for texts in chain(held(), train()):
         tfidf.add(tfidf.counts(texts))
-    ref_sig = minhash.signatures(held_out)
+    ref = minhash.BandIndex(minhash.signatures(held_out))
     best = np.zeros(n_train)
     start = 0
     for texts in train():
-        t, h = minhash.query_pairs(minhash.signatures(texts), ref_sig, MIN_JACCARD)
+        t, h = ref.query(minhash.signatures(texts), MIN_JACCARD)
         if len(t):
             rows_t, rows_h = np.unique(t), np.unique(h)
             T = tfidf.weigh(tfidf.counts([texts[i] for i in rows_t]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,13 @@ def iter_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
             batch = []
     if batch:
         yield batch
+
+
+def iter_value_blocks(path: Path, size: int = 10_000) -> Iterator[list[Any]]:
+    """The JSON values of a file with one per line, `size` at a time (e.g. scratch files of
+    texts that a stage reads more than once)."""
+    with open(path, encoding="utf-8") as fh:
+        block = [json.loads(line) for line in islice(fh, size)]
+        while block:
+            yield block
+            block = [json.loads(line) for line in islice(fh, size)]

@@ -14,8 +14,7 @@ import json
 import math
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from instructflow import neardup
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import SplitConfig
-from instructflow.rows import column, iter_batches, read_jsonl
+from instructflow.rows import column, iter_batches, iter_value_blocks, read_jsonl
 from tasks.validate import near_duplicate_method
 
 SPLITS = ("train", "validation", "test")
@@ -104,10 +103,9 @@ def decontaminate(
     """(kept, dropped) training rows; dropped ones are near-duplicates of a held-out prompt."""
     if not train or not held_out:
         return train, []
-    prompts = [prompt_text(r) for r in train]
-    blocks = neardup.in_blocks(prompts)
-    drop = contaminated(blocks, len(train), [prompt_text(r) for r in held_out], threshold,
-                        lsh_min_rows)  # fmt: skip
+    blocks = neardup.in_blocks([prompt_text(r) for r in train])
+    held = [prompt_text(r) for r in held_out]
+    drop = contaminated(blocks, len(train), held, threshold, lsh_min_rows)
     kept = [r for r, d in zip(train, drop, strict=True) if not d]
     return kept, [r for r, d in zip(train, drop, strict=True) if d]
 
@@ -142,7 +140,7 @@ def contaminated(
 
 class _Parts:
     """Where split puts rows: lists in memory (split_rows) or files (the stage). Training
-    rows are held back (`train_candidates`) until decontamination has decided."""
+    rows are final only at `finish`, once decontamination has decided."""
 
     def __init__(self):
         self.lists: dict[str, list] = {name: [] for name in SPLITS}
@@ -180,7 +178,7 @@ class _FileParts(_Parts):
     def train_prompts(self) -> neardup.Blocks:
         for fh in (*self.files.values(), self.prompts):
             fh.flush()
-        return lambda: _string_blocks(self.scratch / "prompts.jsonl")
+        return lambda: iter_value_blocks(self.scratch / "prompts.jsonl")
 
     def finish(self, drop: np.ndarray | None) -> list[dict[str, Any]]:
         for fh in (*self.files.values(), self.prompts):
@@ -197,14 +195,6 @@ class _FileParts(_Parts):
                     out.write(line)
         shutil.rmtree(self.scratch)
         return dropped
-
-
-def _string_blocks(path: Path, size: int = 10_000) -> Iterator[list[str]]:
-    with open(path, encoding="utf-8") as fh:
-        block = [json.loads(line) for line in islice(fh, size)]
-        while block:
-            yield block
-            block = [json.loads(line) for line in islice(fh, size)]
 
 
 def _group_of(row: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import RayConfig, ValidateConfig
 from instructflow.formats import DataError, Reject, normalise
+from instructflow.rows import iter_value_blocks
 from tasks.download import data_files
 
 DUPLICATE_REASONS = ("duplicate", "near_duplicate")
@@ -279,20 +280,8 @@ def find_near_duplicates(seen: Collected, cfg: ValidateConfig) -> tuple[dict[int
     if method == "exact":  # fewer than lsh_min_rows texts: held in memory
         texts = [json.loads(line) for line in open(seen.texts, encoding="utf-8")]
         return near_duplicates(texts, cfg.near_duplicate_threshold), method
-    blocks = lambda: _text_blocks(seen.texts)  # noqa: E731
+    blocks = lambda: iter_value_blocks(seen.texts)  # noqa: E731
     return neardup.near_duplicates(blocks, n, cfg.near_duplicate_threshold), method
-
-
-def _text_blocks(path: Path, size: int = 10_000) -> Iterator[list[str]]:
-    block: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            block.append(json.loads(line))
-            if len(block) == size:
-                yield block
-                block = []
-    if block:
-        yield block
 
 
 def write_clean(seen: Collected, match: dict[int, int], path: Path) -> dict[str, np.ndarray]:
