@@ -88,7 +88,8 @@ def main() -> None:
 
     md = [
         f"Near-duplicate search, {platform.machine()} {platform.processor() or ''}, "
-        f"{time.strftime('%Y-%m-%d')}, `python bench/near_duplicates.py --sizes {args.sizes}`",
+        f"{time.strftime('%Y-%m-%d')}, `python bench/near_duplicates.py --sizes {args.sizes} "
+        f"--exact-max {args.exact_max}` (the exact search skipped above --exact-max)",
         "",
         "| rows | planted copies | dedup exact (s) | dedup LSH (s) | found exact / LSH | "
         "same pairs | decontam. exact (s) | decontam. LSH (s) | dropped exact / LSH | same rows |",
