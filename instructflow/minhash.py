@@ -76,15 +76,6 @@ def signatures_of(X, seed: int = 0, first_row: int = 0) -> np.ndarray:
     return out
 
 
-def _band_keys(sig: np.ndarray) -> Iterator[np.ndarray]:
-    """Per band, one int64 per row identifying its values in that band."""
-    for band in range(BANDS):
-        part = np.ascontiguousarray(sig[:, band * ROWS_PER_BAND : (band + 1) * ROWS_PER_BAND])
-        as_bytes = part.view(np.dtype((np.void, part.itemsize * ROWS_PER_BAND))).ravel()
-        _, key = np.unique(as_bytes, return_inverse=True)
-        yield key.astype(np.int64)
-
-
 def agreement(A: np.ndarray, B: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Share of equal MinHash values of rows A[a[k]] and B[b[k]]: their estimated Jaccard
     similarity (standard error <= 0.0625 with 64 values)."""
@@ -101,7 +92,7 @@ def candidate_pairs(sig: np.ndarray, min_jaccard: float = 0.0) -> tuple[np.ndarr
     pairs = []
     n = sig.shape[0]
     positions = np.arange(n)
-    for key in _band_keys(sig):
+    for key in _band_hashes(sig):
         order = np.lexsort((positions, key))  # by bucket, then row
         k = key[order]
         first = np.r_[True, k[1:] != k[:-1]]
@@ -111,15 +102,8 @@ def candidate_pairs(sig: np.ndarray, min_jaccard: float = 0.0) -> tuple[np.ndarr
             ok = np.flatnonzero(rank > m)
             if not len(ok):
                 break
-            later, earlier = order[ok], order[start[ok] + m]
-            if min_jaccard > 0:
-                close = agreement(sig, sig, later, earlier) >= min_jaccard
-                later, earlier = later[close], earlier[close]
-            pairs.append(np.stack([later, earlier], 1))
-    if not pairs:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    both = np.unique(np.concatenate(pairs), axis=0)
-    return both[:, 0], both[:, 1]
+            pairs.append(_close_pairs(sig, sig, order[ok], order[start[ok] + m], min_jaccard))
+    return _unique_pairs(pairs)
 
 
 def query_pairs(
@@ -153,20 +137,30 @@ class BandIndex:
             q_rows = np.repeat(np.arange(nq), counts)
             offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
             ref_rows = order[np.repeat(lo, counts) + offsets]
-            if min_jaccard > 0:
-                close = agreement(query, self.ref, q_rows, ref_rows) >= min_jaccard
-                q_rows, ref_rows = q_rows[close], ref_rows[close]
-            pairs.append(np.stack([q_rows, ref_rows], 1))
-        if not pairs:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        both = np.unique(np.concatenate(pairs), axis=0)
-        return both[:, 0], both[:, 1]
+            pairs.append(_close_pairs(query, self.ref, q_rows, ref_rows, min_jaccard))
+        return _unique_pairs(pairs)
+
+
+def _close_pairs(A, B, a: np.ndarray, b: np.ndarray, min_jaccard: float) -> np.ndarray:
+    """The (a[k], b[k]) pairs, as rows of an (n, 2) array, whose estimated Jaccard
+    similarity reaches `min_jaccard`."""
+    if min_jaccard > 0:
+        close = agreement(A, B, a, b) >= min_jaccard
+        a, b = a[close], b[close]
+    return np.stack([a, b], 1)
+
+
+def _unique_pairs(pairs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if not pairs:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    both = np.unique(np.concatenate(pairs), axis=0)
+    return both[:, 0], both[:, 1]
 
 
 def _band_hashes(sig: np.ndarray) -> Iterator[np.ndarray]:
     """Per band, one 64-bit hash per row of its values: equal values, equal hash, in any set
-    (unlike _band_keys, which numbers the values of one set). Two different bands colliding
-    (odds ~n^2 / 2^64) only add a candidate, which is scored like any other."""
+    (so a reference set's buckets can be sorted once and queried block by block). Two
+    different values colliding (odds ~n^2 / 2^64) only add a candidate, scored like any other."""
     mult = np.uint64(0x9E3779B97F4A7C15)
     for band in range(BANDS):
         h = np.zeros(sig.shape[0], dtype=np.uint64)

@@ -23,6 +23,7 @@ The artifact's digest is the tag `instructflow.digest.<stage>`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -251,20 +252,19 @@ def _log_dataset(ref: ArtifactRef, ds: dict[str, Any]) -> None:
     # MLflow's own digest hashes only the first 10,000 rows: pass the file's full sha256.
     digest = sha256_file(path)[:16]
     rows = None
+    frame = pd.DataFrame()
     if path.suffix == ".jsonl":
         with open(path, "rb") as fh:
             rows = sum(1 for line in fh if line.strip())
-        frame = pd.read_json(path, lines=True, dtype=False, nrows=SCHEMA_ROWS) if rows else None
-        frame = frame if frame is not None else pd.DataFrame()
+        if rows:
+            frame = pd.read_json(path, lines=True, dtype=False, nrows=SCHEMA_ROWS)
     elif path.suffix == ".parquet":
         frame = pd.read_parquet(path)
-    else:
-        frame = pd.DataFrame()
     frame = frame.map(lambda v: json.dumps(v) if isinstance(v, list | dict) else v)
     with warnings.catch_warnings():
         # Schema hints about integer columns and "ambiguous" local sources: noise here.
         warnings.simplefilter("ignore", UserWarning)
-        dataset = _RowsDataset(
+        dataset = _rows_dataset_class()(
             frame,
             rows if rows is not None else len(frame),
             source=resolve_dataset_source(str(path)),
@@ -274,7 +274,9 @@ def _log_dataset(ref: ArtifactRef, ds: dict[str, Any]) -> None:
         mlflow.log_input(dataset, context=ds.get("context", "train"))
 
 
+@functools.cache
 def _rows_dataset_class():
+    """Built on first use: mlflow is imported lazily, for start-up time."""
     from mlflow.data.pandas_dataset import PandasDataset
 
     class RowsDataset(PandasDataset):
@@ -289,10 +291,6 @@ def _rows_dataset_class():
             return {"num_rows": self._rows, "num_elements": self._rows * len(self._df.columns)}
 
     return RowsDataset
-
-
-def _RowsDataset(df, rows: int, **kwargs):  # noqa: N802 - stands for the class, built lazily
-    return _rows_dataset_class()(df, rows, **kwargs)
 
 
 class _active:

@@ -278,7 +278,7 @@ def find_near_duplicates(seen: Collected, cfg: ValidateConfig) -> tuple[dict[int
         return {}, None
     method = near_duplicate_method(n, cfg.lsh_min_rows)
     if method == "exact":  # fewer than lsh_min_rows texts: held in memory
-        texts = [json.loads(line) for line in open(seen.texts, encoding="utf-8")]
+        texts = [t for block in iter_value_blocks(seen.texts) for t in block]
         return near_duplicates(texts, cfg.near_duplicate_threshold), method
     blocks = lambda: iter_value_blocks(seen.texts)  # noqa: E731
     return neardup.near_duplicates(blocks, n, cfg.near_duplicate_threshold), method
