@@ -310,6 +310,9 @@ class SynthesizeConfig(Section):
 
 
 class SplitConfig(Section):
+    # random: a seeded (optionally stratified) shuffle of the groups; ordered: the groups in
+    # file order, cut train | test | validation, as LLMs-from-scratch ch07 splits its data.
+    method: Literal["random", "ordered"] = "random"
     train: Float = Field(default=0.85, gt=0, lt=1)
     validation: Float = Field(default=0.10, ge=0, lt=1)
     test: Float = Field(default=0.05, ge=0, lt=1)
@@ -325,6 +328,8 @@ class SplitConfig(Section):
         total = self.train + self.validation + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + validation + test must be 1.0, got {total:.4f}")
+        if self.method == "ordered" and self.stratify_by:
+            raise ValueError("method ordered cuts the file in order: it cannot stratify_by")
         return self
 
 

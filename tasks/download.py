@@ -13,12 +13,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import instructflow
 from instructflow import demo_data, sources
 from instructflow.artifacts import ArtifactRef, sha256_file, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import SourceSpec
 
 SUPPORTED = (".json", ".jsonl", ".csv", ".parquet")
+# Real datasets shipped inside the package (each folder holds its licence notice).
+DATA_DIR = Path(instructflow.__file__).parent / "data"
+BUILTIN_FILES = {"builtin:ch07": DATA_DIR / "ch07" / "instruction-data.json"}
+BUILTIN_DATASETS = ("builtin:demo", *BUILTIN_FILES)
 
 
 class DownloadError(RuntimeError):
@@ -61,6 +66,8 @@ def _http_validators(cfg: SourceSpec) -> dict[str, str] | None:
 def fingerprint(cfg: SourceSpec) -> Any:
     """What the source looks like right now; part of the download cache key."""
     kind = source_kind(cfg.source)
+    if kind == "builtin" and cfg.source in BUILTIN_FILES:
+        return {"builtin": cfg.source, "sha256": sha256_file(BUILTIN_FILES[cfg.source])}
     if kind == "builtin":
         return {"builtin": cfg.source}
     if kind == "local":
@@ -167,9 +174,12 @@ def download(cfg: SourceSpec, stage: str = "download") -> ArtifactRef:
     def write(tmp: Path) -> dict[str, Any]:
         data = tmp / "data"
         data.mkdir()
-        if kind == "builtin":
+        if kind == "builtin" and cfg.source in BUILTIN_FILES:
+            shutil.copyfile(BUILTIN_FILES[cfg.source], data / BUILTIN_FILES[cfg.source].name)
+        elif kind == "builtin":
             if cfg.source != "builtin:demo":
-                raise DownloadError(f"{cfg.source}: unknown builtin dataset (try builtin:demo)")
+                known = ", ".join(BUILTIN_DATASETS)
+                raise DownloadError(f"{cfg.source}: unknown builtin dataset (one of {known})")
             try:
                 rows = demo_data.generate(cfg.demo_rows, cfg.demo_seed)
             except demo_data.DemoDataError as exc:

@@ -72,6 +72,12 @@ def split_codes(
 
     n_val, n_test = _sizes(n_groups, cfg)
     order = np.arange(n_groups)
+    if cfg.method == "ordered":
+        codes = np.zeros(n_groups, dtype=np.int8)  # train first, then test, then validation
+        n_train = n_groups - n_val - n_test
+        codes[n_train : n_train + n_test] = SPLITS.index("test")
+        codes[n_train + n_test :] = SPLITS.index("validation")
+        return codes, False
 
     def cut(idx: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
         if size == 0:

@@ -163,3 +163,18 @@ def test_unknown_hub_id_fails_fast_with_a_clear_message(home):
     assert message.startswith("no-such-user-xyz/no-such-dataset-xyz: hub dataset unavailable")
     assert "check the id" in message and "\n" not in message
     assert time.perf_counter() - t0 < 20
+
+
+def test_builtin_ch07_is_the_lecture_file_with_its_licence(home):
+    from tasks.download import BUILTIN_FILES, DATA_DIR
+
+    ref = download(DataConfig(source="builtin:ch07"))
+    (copied,) = data_files(ref)
+    assert copied.read_bytes() == BUILTIN_FILES["builtin:ch07"].read_bytes()
+    rows = json.loads(copied.read_text())
+    assert len(rows) == 1100 and set(rows[0]) == {"instruction", "input", "output"}
+    notice = (DATA_DIR / "ch07" / "NOTICE.md").read_text()
+    assert "Apache License" in notice and "rasbt/LLMs-from-scratch" in notice
+    assert "Apache License" in (DATA_DIR / "ch07" / "LICENSE").read_text()
+    with pytest.raises(DownloadError, match="unknown builtin dataset .*builtin:ch07"):
+        download(DataConfig(source="builtin:nope"))

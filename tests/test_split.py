@@ -110,3 +110,34 @@ def test_stage_functions_write_artifacts_with_datasets_and_counts(home):
 def test_a_zero_fraction_gives_an_empty_split():
     parts, report = split_rows(canonical(50), SplitConfig(train=0.8, validation=0.0, test=0.2))
     assert parts["validation"] == [] and len({r["group"] for r in parts["test"]}) == 10
+
+
+def test_ordered_split_cuts_the_file_as_the_lecture_does(home):
+    """builtin:ch07 with method ordered: train = the first 85 % of the file, then test, then
+    validation (LLMs-from-scratch ch07), prompts repeated across a cut kept on one side."""
+    from instructflow.config import DataConfig, ValidateConfig
+    from tasks.download import download
+    from tasks.validate import validate
+
+    clean = validate(download(DataConfig(source="builtin:ch07")), ValidateConfig(format="alpaca"))
+    rows = read_jsonl(clean.file("clean.jsonl"))
+    cfg = SplitConfig(method="ordered", train=0.85, validation=0.05, test=0.10)
+    parts, report = split_rows(rows, cfg)
+    order = {r["id"]: i for i, r in enumerate(rows)}
+    position = {n: sorted(order[r["id"]] for r in parts[n]) for n in SPLITS}
+    # Groups in file order: every test row comes after the training rows' groups began and
+    # before validation's; the held-out sets are contiguous runs of the file.
+    first_of_group = {}
+    for i, r in enumerate(rows):
+        first_of_group.setdefault(r["group"], i)
+    starts = {n: sorted({first_of_group[r["group"]] for r in parts[n]}) for n in SPLITS}
+    assert max(starts["train"]) < min(starts["test"]) <= max(starts["test"])
+    assert max(starts["test"]) < min(starts["validation"])
+    n_groups = report["groups"]
+    assert len(starts["test"]) == round(0.10 * n_groups)
+    assert len(starts["validation"]) == round(0.05 * n_groups)
+    assert position["test"] == sorted(position["test"])
+    again, _ = split_rows(rows, cfg.model_copy(update={"seed": 7}))
+    assert again == parts  # no randomness
+    with pytest.raises(ValueError, match="cannot stratify_by"):
+        SplitConfig(method="ordered", stratify_by="meta.task")
