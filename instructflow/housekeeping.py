@@ -27,7 +27,7 @@ OUTPUT_NEUTRAL = True
 
 TMP_PREFIX = ".tmp-"
 CORRUPT_PREFIX = ".corrupt-"
-CACHE_DIRS = ("builtin", "encoders")
+CACHE_DIRS = ("builtin", "encoders", "gguf")
 DAY_S = 86_400.0
 
 

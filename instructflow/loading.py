@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from instructflow.artifacts import MANIFEST, ArtifactRef
+from instructflow.builtin import gguf, smollm2
 from instructflow.builtin import model as builtin
 
 
@@ -22,6 +23,29 @@ class LoadError(RuntimeError):
 
 
 # -- tokenizers and base models ---------------------------------------------------------------
+def converted_dir(spec: str, progress: gguf.Progress | None = None) -> Path | None:
+    """The local transformers folder of a model given as a `.gguf` file or as
+    builtin:smollm2-135m-instruct (fetched and de-quantised once per user); None for any
+    other spec."""
+    try:
+        if spec == smollm2.NAME:
+            return smollm2.model_dir(progress)
+        if gguf.is_gguf(spec):
+            return gguf.converted(Path(spec), progress)
+    except (gguf.GGUFError, smollm2.FetchError) as exc:
+        raise LoadError(str(exc)) from None
+    return None
+
+
+def _gguf_folder(info: dict[str, Any]) -> Path:
+    """The converted folder a base-model artifact of kind gguf names (converted again from
+    its GGUF if the per-user cache was wiped)."""
+    folder = gguf.root() / info["converted"]
+    if (folder / "config.json").is_file():
+        return folder
+    return converted_dir(info["name_or_path"]) or folder
+
+
 def load_tokenizer(ref: ArtifactRef | str | Path):
     from transformers import AutoTokenizer
 
@@ -45,6 +69,8 @@ def base_model_source(ref: ArtifactRef) -> tuple[str, dict[str, Any]]:
         kwargs["attn_implementation"] = info["attn_implementation"]
     if info["kind"] == "builtin":
         return str(ref.file(info["weights"])), kwargs
+    if info["kind"] == "gguf":
+        return str(_gguf_folder(info)), kwargs
     if info["kind"] == "hub" and info.get("revision"):
         kwargs["revision"] = info["revision"]
     return info["name_or_path"], kwargs
@@ -79,13 +105,17 @@ def hf_base_path(info: dict[str, Any]) -> str:
     workspace of this user; rebuilt at the same path if the cache is wiped)."""
     if info.get("kind") == "builtin" and info.get("pretrain", {}).get("cache_key"):
         return str(builtin.cache_root() / "builtin" / info["pretrain"]["cache_key"] / "model")
+    if info.get("kind") == "gguf":
+        return str(_gguf_folder(info))
     return str(info["name_or_path"])
 
 
 def load_plain(spec: str):
-    """(model, tokenizer, template) of an HF model folder or hub id."""
+    """(model, tokenizer, template) of an HF model folder, hub id, GGUF file or
+    builtin:smollm2-135m-instruct."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    spec = str(converted_dir(spec) or spec)
     try:
         tok = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True)
@@ -151,6 +181,8 @@ def _base_for(info: dict[str, Any]):
     for model_json in sorted((workspace.artifacts_dir() / "base_model").glob("*/model.json")):
         if json.loads(model_json.read_text()) == info:
             return load_base_model(_ref_of(model_json.parent, "base_model"))
+    if info.get("kind") == "gguf":
+        return load_plain(str(_gguf_folder(info)))[0]
     if info.get("name_or_path") in builtin.SIZES:
         return load_builtin(info["name_or_path"])[0]
     return load_plain(info["name_or_path"])[0]
@@ -192,9 +224,9 @@ def _registered(uri: str):
 
 
 def load_for_inference(spec: str):
-    """(model, tokenizer, template) for serving, generating or judging, from: builtin:tiny, an
-    MLflow URI (`models:/NAME@alias`, `runs:/...`), a train artifact dir, a PEFT adapter dir,
-    or a plain HF model dir / hub id."""
+    """(model, tokenizer, template) for serving, generating or judging, from: builtin:tiny,
+    builtin:smollm2-135m-instruct, a `.gguf` file, an MLflow URI (`models:/NAME@alias`,
+    `runs:/...`), a train artifact dir, a PEFT adapter dir, or a plain HF model dir / hub id."""
     if spec in builtin.SIZES:
         model, tok = load_builtin(spec)
         return model, tok, "chat_template"

