@@ -517,6 +517,14 @@ class TrainConfig(Section):
     eval_steps: Int = Field(default=50, ge=1, le=MAX_COUNT)
     logging_steps: Int = Field(default=5, ge=1, le=MAX_COUNT)
     early_stopping_patience: Int | None = Field(default=None, ge=1, le=10_000)
+    # Generation metrics while training: at every evaluation, greedy answers to the first
+    # `eval_generation` validation rows (the evaluate stage's decoding), logged as the step
+    # metrics eval_exact_match and eval_rougeL; 0: off. Costs one batched decode per eval.
+    eval_generation: Int = Field(default=0, ge=0, le=MAX_COUNT)
+    eval_max_new_tokens: Int = Field(default=32, ge=1, le=32_768)
+    # The checkpoint that becomes the model: the last, or the best by this validation figure
+    # (exact_match / rougeL need eval_generation); early stopping watches the same figure.
+    best_by: Literal["last", "eval_loss", "exact_match", "rougeL"] = "last"
     seed: Seed = 42
     nproc: Int = Field(default=1, ge=1, le=1024)
     # Multi-node: nnodes machines with nproc processes each meet at a torchrun c10d
@@ -538,6 +546,17 @@ class TrainConfig(Section):
     KEY_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
         {"rdzv_endpoint", "rdzv_timeout_s", "max_restarts"}
     )
+
+    @model_validator(mode="after")
+    def _best_by_is_measured(self) -> TrainConfig:
+        if self.best_by in ("exact_match", "rougeL") and not self.eval_generation:
+            raise PydanticCustomError(
+                "best_by",
+                "train.best_by={by} needs train.eval_generation > 0 (validation rows answered "
+                "at each evaluation)",
+                {"by": self.best_by},
+            )
+        return self
 
     @model_validator(mode="after")
     def _rendezvous(self) -> TrainConfig:

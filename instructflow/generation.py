@@ -344,7 +344,7 @@ def _decode(
 def generate(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 64,
     batch_size: int = 32,
@@ -363,6 +363,7 @@ def generate(
     on_done: Callable[[int, Any], None] | None = None,
 ) -> list[str] | list[dict[str, Any]]:
     """Completions of `prompts` (prompt stripped, cut at the first stop string), input order.
+    A prompt is a text, or its token ids as they are (no special tokens added, no re-encoding).
 
     `details=True` gives {text, prompt_tokens, completion_tokens, finish_reason} per prompt.
     `on_token(i, token_id)` hears each token of prompts[i] as it is generated (streaming).
@@ -372,8 +373,11 @@ def generate(
     if not prompts:
         return []
 
-    def encode(texts: Sequence[str]) -> list[list[int]]:
-        out = _encode(tokenizer, texts, add_special_tokens)
+    def encode(texts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        if texts and not isinstance(texts[0], str):
+            out = [list(ids) for ids in texts]
+        else:
+            out = _encode(tokenizer, texts, add_special_tokens)
         # Keep the end of an over-long prompt: the response cue is there.
         return [p[-max_prompt_tokens:] for p in out] if max_prompt_tokens else out
 

@@ -310,3 +310,65 @@ def test_packing_off_falls_back_to_length_grouped_padding(inputs):
     assert info["packing"] == "padded" and info["attention"] == "sdpa"
     pads = [v for _, v in ref.meta["step_metrics"]["padding_fraction"]]
     assert len(pads) == 2 and all(0 <= v < 0.5 for v in pads)
+
+
+def test_generation_metrics_while_training_choose_the_kept_checkpoint(inputs):
+    """eval_exact_match / eval_rougeL are logged at every evaluation, equal what the saved
+    checkpoint answers when decoded on its own, and best_by keeps the best checkpoint."""
+    from peft import PeftModel
+
+    from instructflow import generation, loading
+    from instructflow.metrics import text_metrics
+    from instructflow.training.generation_eval import GenerationEval
+
+    _, base, tok_ref = inputs
+    tok = load_tokenizer(tok_ref)
+    rows = demo_data.generate(48, seed=3)
+    # Validation rows the model trains on: within seconds it answers some of them right, so
+    # the figures move (held-out facts need the demo's hundreds of steps).
+    tokenized = write_tokenized({"train": rows, "validation": rows[:12]}, tok, max_length=64)
+    cfg = _cfg(
+        max_steps=40,
+        learning_rate=4e-3,
+        per_device_batch_size=16,
+        eval_steps=10,
+        save_steps=10,
+        max_eval_examples=12,
+        eval_generation=12,
+        best_by="rougeL",
+        keep_checkpoints=True,
+        save_total_limit=4,
+    )
+    ref = train(tokenized, base, tok_ref, cfg)
+    series = ref.meta["step_metrics"]
+    assert [s for s, _ in series["eval_exact_match"]] == [10, 20, 30, 40]
+    assert [s for s, _ in series["eval_rougeL"]] == [10, 20, 30, 40]
+    values = [v for _, v in series["eval_rougeL"]]
+    assert max(values) > 0 and len(set(values)) > 1, values  # it measures something
+    best_step, best = max(series["eval_rougeL"], key=lambda sv: sv[1])
+    assert ref.figures["best_eval_rougeL"] == best and ref.figures["kept_step"] == best_step
+
+    # Independently: the step-20 checkpoint's adapter, decoded by the evaluate stage's code.
+    import datasets
+
+    validation = datasets.load_from_disk(str(tokenized.file("validation")))
+    sample = GenerationEval(validation, tok, "alpaca", 12, cfg.eval_max_new_tokens)
+    checkpoint = next(ref.dir.parents[2].glob("work/train/*/checkpoints/checkpoint-20"))
+    model = PeftModel.from_pretrained(loading.load_base_model(base), str(checkpoint))
+    answers = generation.generate(
+        model, tok, sample.prompts, max_new_tokens=32, stop_strings=sample.stops
+    )
+    scores, _ = text_metrics(answers, sample.refs)
+    logged = dict(series["eval_rougeL"])[20]
+    assert scores["rougeL"] == pytest.approx(logged, abs=1e-9)
+
+    # The published adapter is the kept checkpoint's.
+    kept = next(ref.dir.parents[2].glob(f"work/train/*/checkpoints/checkpoint-{best_step}"))
+    assert (kept / "adapter_model.safetensors").read_bytes() == ref.file(
+        "adapter/adapter_model.safetensors"
+    ).read_bytes()
+
+
+def test_best_by_a_generation_metric_needs_generation():
+    with pytest.raises(ValueError, match="needs train.eval_generation"):
+        TrainConfig(best_by="exact_match")

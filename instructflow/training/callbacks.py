@@ -50,8 +50,9 @@ class StepMetrics(TrainerCallback):
         for src, name in self.KEYS.items():
             if src in logs:
                 self._add(name, step, logs[src])
-        if "eval_loss" in logs:
-            self._add("eval_loss", step, logs["eval_loss"])
+        for name in ("eval_loss", "eval_exact_match", "eval_rougeL"):
+            if name in logs:
+                self._add(name, step, logs[name])
         if "loss" in logs:
             counts, self._window = self._window, {"positions": 0, "tokens": 0, "useful": 0}
             now = time.perf_counter()

@@ -27,7 +27,7 @@ from typing import Any
 from instructflow import interrupts, loading
 from instructflow.artifacts import MANIFEST, ArtifactRef
 from instructflow.config import TrainConfig
-from instructflow.training import distill, methods, packing
+from instructflow.training import distill, generation_eval, methods, packing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -169,10 +169,13 @@ def _training_args(cfg: TrainConfig, precision: str, work: Path, has_eval: bool,
     from transformers import TrainingArguments
 
     early = cfg.early_stopping_patience is not None and has_eval
-    if early and cfg.save_steps % cfg.eval_steps:
+    metric, greater = generation_eval.best_metric(cfg.best_by, early)
+    keep_best = metric is not None and has_eval
+    if keep_best and cfg.save_steps % cfg.eval_steps:
+        why = "train.early_stopping_patience is set" if early else f"train.best_by={cfg.best_by}"
         raise TrainError(
             f"train.save_steps ({cfg.save_steps}) must be a multiple of train.eval_steps "
-            f"({cfg.eval_steps}) when train.early_stopping_patience is set"
+            f"({cfg.eval_steps}) when {why}"
         )
     cuda = torch.cuda.is_available()
     sharding = {k: v for k, v in (("fsdp", cfg.fsdp), ("deepspeed", cfg.deepspeed)) if v}
@@ -203,9 +206,9 @@ def _training_args(cfg: TrainConfig, precision: str, work: Path, has_eval: bool,
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps,
-        load_best_model_at_end=early,
-        metric_for_best_model="eval_loss" if early else None,
-        greater_is_better=False if early else None,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model=metric if keep_best else None,
+        greater_is_better=greater if keep_best else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=[],  # no HF MLflowCallback: figures go through the manifest
@@ -280,7 +283,7 @@ class PeakMemory:
         return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def _trainer_class():
+def _trainer_class(answers: generation_eval.GenerationEval | None = None):
     from transformers import Trainer
 
     class CountingTrainer(Trainer):
@@ -290,7 +293,13 @@ def _trainer_class():
             stats = self.data_collator.stats
             stats.paused, t0 = True, time.perf_counter()
             try:
-                return super().evaluate(*args, **kwargs)
+                metrics = super().evaluate(*args, **kwargs)
+                if answers is not None:
+                    # Returned with the loss: the best-checkpoint choice reads them there.
+                    scores = answers(self.model)
+                    self.log(scores)
+                    metrics.update(scores)
+                return metrics
             finally:
                 stats.paused = False
                 stats.excluded_s += time.perf_counter() - t0
@@ -333,14 +342,20 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     memory = PeakMemory()
     stats = packing.BatchStats()
     collator = packing.PackingCollator(stats) if packed else packing.PaddingCollator(tok, stats)
-    trainer_class = _trainer_class()
+    answers = None
+    if cfg.eval_generation and eval_ds is not None:
+        template = _tokenize_report(Path(spec["tokenized"])).get("template", "alpaca")
+        answers = generation_eval.GenerationEval(
+            eval_ds, tok, template, cfg.eval_generation, cfg.eval_max_new_tokens
+        )
+    trainer_class = _trainer_class(answers)
     if kd:
         collator = distill.TeacherCollator(collator, kd["top_k"])
         trainer_class = distill.trainer_class(trainer_class, kd["alpha"], kd["temperature"])
     args = _training_args(cfg, precision, work, eval_ds is not None, padded=not packed)
     metrics_cb = callbacks.StepMetrics(stats, world)
     cbs = [metrics_cb, callbacks.Progress(metrics_cb, subprocess_mode)]
-    if args.load_best_model_at_end:
+    if args.load_best_model_at_end and cfg.early_stopping_patience is not None:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = trainer_class(
         model=model,
@@ -414,6 +429,9 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     if series.get("eval_loss"):
         best_step, best = min(series["eval_loss"], key=lambda sv: sv[1])
         metrics.update(best_eval_loss=best, best_step=best_step)
+    kept = state.best_model_checkpoint if args.load_best_model_at_end else None
+    kept_step = int(Path(kept).name.split("-")[1]) if kept else None
+    metrics.update(generation_eval.summary(series, args.metric_for_best_model, kept_step))
     for name in ("useful_tokens_per_s", "padding_fraction"):
         if series.get(name):
             metrics[f"mean_{name}"] = sum(v for _, v in series[name]) / len(series[name])
