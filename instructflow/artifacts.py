@@ -154,6 +154,16 @@ def _is_valid(path: Path, digest: str) -> bool:
     return files == manifest.get("files") and digest_of(files) == digest
 
 
+def folder_intact(path: Path) -> bool:
+    """Whether a folder published with a MANIFEST.json ({digest, files}) still matches it."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    files = hash_tree(Path(path))
+    return files == manifest.get("files") and digest_of(files) == manifest.get("digest")
+
+
 def verify(ref: ArtifactRef) -> ArtifactRef:
     """Raise ArtifactError unless the files on disk still hash to `ref.digest`."""
     if not ref.dir.is_dir():

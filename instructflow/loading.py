@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from instructflow import layer_pruning
 from instructflow.artifacts import MANIFEST, ArtifactRef
 from instructflow.builtin import gguf, smollm2
 from instructflow.builtin import model as builtin
@@ -35,6 +36,24 @@ def converted_dir(spec: str, progress: gguf.Progress | None = None) -> Path | No
     except (gguf.GGUFError, smollm2.FetchError) as exc:
         raise LoadError(str(exc)) from None
     return None
+
+
+def source_dir(info: dict[str, Any], artifact_dir: Path) -> str:
+    """Where the weights of a base-model artifact (its model.json `info`, its folder) are: a
+    local folder, or a hub id."""
+    if info["kind"] == "builtin":
+        return str(Path(artifact_dir) / info["weights"])
+    if info["kind"] == "gguf":
+        return str(_gguf_folder(info))
+    if info["kind"] == "pruned":
+        folder = layer_pruning.root() / info["pruned"]
+        if not (folder / "config.json").is_file():
+            raise LoadError(
+                f"{info['name_or_path']} with {len(info['layers_kept'])} layers: not in this "
+                f"user's cache ({folder}); run the pipeline again to rebuild it"
+            )
+        return str(folder)
+    return str(info["name_or_path"])
 
 
 def _gguf_folder(info: dict[str, Any]) -> Path:
@@ -67,13 +86,9 @@ def base_model_source(ref: ArtifactRef) -> tuple[str, dict[str, Any]]:
     }
     if info.get("attn_implementation"):
         kwargs["attn_implementation"] = info["attn_implementation"]
-    if info["kind"] == "builtin":
-        return str(ref.file(info["weights"])), kwargs
-    if info["kind"] == "gguf":
-        return str(_gguf_folder(info)), kwargs
     if info["kind"] == "hub" and info.get("revision"):
         kwargs["revision"] = info["revision"]
-    return info["name_or_path"], kwargs
+    return source_dir(info, ref.dir), kwargs
 
 
 def load_base_model(ref: ArtifactRef, **overrides: Any):
@@ -105,8 +120,8 @@ def hf_base_path(info: dict[str, Any]) -> str:
     workspace of this user; rebuilt at the same path if the cache is wiped)."""
     if info.get("kind") == "builtin" and info.get("pretrain", {}).get("cache_key"):
         return str(builtin.cache_root() / "builtin" / info["pretrain"]["cache_key"] / "model")
-    if info.get("kind") == "gguf":
-        return str(_gguf_folder(info))
+    if info.get("kind") in ("gguf", "pruned"):
+        return source_dir(info, Path())
     return str(info["name_or_path"])
 
 
@@ -181,8 +196,8 @@ def _base_for(info: dict[str, Any]):
     for model_json in sorted((workspace.artifacts_dir() / "base_model").glob("*/model.json")):
         if json.loads(model_json.read_text()) == info:
             return load_base_model(_ref_of(model_json.parent, "base_model"))
-    if info.get("kind") == "gguf":
-        return load_plain(str(_gguf_folder(info)))[0]
+    if info.get("kind") in ("gguf", "pruned"):
+        return load_plain(source_dir(info, Path()))[0]
     if info.get("name_or_path") in builtin.SIZES:
         return load_builtin(info["name_or_path"])[0]
     return load_plain(info["name_or_path"])[0]

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from instructflow import loading, progress
+from instructflow import layer_pruning, loading, progress
 from instructflow.artifacts import ArtifactRef, sha256_file, write_artifact
 from instructflow.builtin import gguf
 from instructflow.builtin import model as builtin
@@ -171,6 +171,8 @@ def prepare_base_model(
         else:
             info.update(kind="hub", revision=_hub_revision(cfg))
             n_params, summary = None, f"hub {cfg.name_or_path}"
+        if cfg.keep_layers:
+            info, n_params, summary = _pruned(cfg, tmp, info, shown_as)
         info["max_positions"] = _max_positions(tmp, info)
         (tmp / "model.json").write_text(json.dumps(info, indent=1, sort_keys=True))
         meta: dict[str, Any] = {
@@ -193,12 +195,41 @@ def prepare_base_model(
     return ref
 
 
+def _pruned(
+    cfg: ModelConfig, tmp: Path, info: dict[str, Any], shown_as: str
+) -> tuple[dict[str, Any], int, str]:
+    """The model.json of `keep_layers` of the model `info` describes (instructflow.
+    layer_pruning: built once per user cache, referenced by content digest)."""
+    source = loading.source_dir(info, tmp)
+    progress.notify("stage_progress", stage=shown_as, message=f"keeping {cfg.keep_layers} layers")
+    try:
+        folder = layer_pruning.pruned(source, json.dumps(info, sort_keys=True), cfg.keep_layers)
+    except layer_pruning.PruneError as exc:
+        raise ModelError(str(exc)) from None
+    about = layer_pruning.info(folder)
+    shutil.rmtree(tmp / "weights", ignore_errors=True)  # a builtin's copy: the folder has it
+    pruned = {k: info[k] for k in ("name_or_path", "revision", "trust_remote_code")}
+    pruned.update(
+        attn_implementation=info.get("attn_implementation"),
+        tokenizer_digest=info["tokenizer_digest"],
+        kind="pruned",
+        source=info,
+        pruned=folder.name,
+        content=layer_pruning.content_digest(folder),
+        layers_kept=about["layers_kept"],
+    )
+    n_params = about["parameters"]
+    summary = (
+        f"{cfg.name_or_path}, {len(about['layers_kept'])} of {about['layers_total']} layers "
+        f"kept ({n_params / 1e6:.1f}M)"
+    )
+    return pruned, n_params, summary
+
+
 def _max_positions(tmp: Path, info: dict[str, Any]) -> int | None:
     """The longest sequence the base accepts (None when its config can't be read, e.g. a hub
     id offline): train checks tokenize.max_length against it before it loads anything."""
-    source = tmp / info["weights"] if info["kind"] == "builtin" else info["name_or_path"]
-    if info["kind"] == "gguf":
-        source = gguf.root() / info["converted"]
+    source = loading.source_dir(info, tmp)
     if (Path(source) / "config.json").is_file():  # read directly: no transformers import
         config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
         limit = config.get("max_position_embeddings") or config.get("n_positions")

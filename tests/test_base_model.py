@@ -4,6 +4,7 @@ instructions)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from demo_rows import demo_config_splits
 
@@ -80,3 +81,47 @@ def test_the_pretrained_base_knows_the_held_out_facts_only_in_raw_form(home):
         outs = generation.generate(model, tok, prompts, max_new_tokens=8, stop_tokens=[EOS])
     right = sum(o.strip() == templates.reference(r) for o, r in zip(outs, rows, strict=True))
     assert right <= 0.1 * len(rows), list(zip(outs, rows, strict=True))[:5]
+
+
+def test_keep_layers_makes_a_student_from_the_models_own_layers(home):
+    """model.keep_layers: evenly spaced layers with their weights, cached per user, loaded
+    and decoded (KV cache included) like any base."""
+    import torch
+
+    from instructflow import generation, layer_pruning, loading
+    from tasks.base_model import ModelError
+
+    assert layer_pruning.kept_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert layer_pruning.kept_layers(4, 2) == [0, 3] and layer_pruning.kept_layers(4, 4) == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    tok_ref = prepare_tokenizer(ModelConfig())
+    full = loading.load_base_model(prepare_base_model(ModelConfig(), tok_ref))
+    cfg = ModelConfig(keep_layers=2)
+    ref = prepare_base_model(cfg, tok_ref, shown_as="student_base")
+    info = loading.model_info(ref)
+    assert info["kind"] == "pruned" and info["layers_kept"] == [0, 3]
+    assert info["source"]["kind"] == "builtin" and not ref.file("weights").exists()
+    student = loading.load_base_model(ref)
+    assert student.config.num_hidden_layers == 2
+    for new, old in ((0, 0), (1, 3)):
+        a, b = student.model.layers[new].state_dict(), full.model.layers[old].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(student.lm_head.weight, full.lm_head.weight)
+    # The same computation as the full model run through only those layers.
+    full.model.layers = torch.nn.ModuleList([full.model.layers[0], full.model.layers[3]])
+    full.config.num_hidden_layers = 2
+    ids = torch.tensor([[5, 17, 300, 41, 9]])
+    with torch.no_grad():
+        assert torch.allclose(
+            student(ids, use_cache=False).logits, full(ids, use_cache=False).logits
+        )
+    tok = loading.load_tokenizer(tok_ref)
+    cached = generation.generate(student, tok, ["The capital of Japan is"], max_new_tokens=6)
+    assert isinstance(cached[0], str)  # the KV cache indexes the kept layers 0..1
+    assert prepare_base_model(cfg, tok_ref).digest == ref.digest  # content-addressed
+    with pytest.raises(ModelError, match="has 4 decoder layers"):
+        prepare_base_model(ModelConfig(keep_layers=5), tok_ref)

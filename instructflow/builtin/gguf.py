@@ -73,14 +73,9 @@ def target_dir(gguf_sha256: str, stem: str) -> Path:
 
 
 def intact(folder: Path) -> bool:
-    from instructflow.artifacts import MANIFEST, digest_of, hash_tree
+    from instructflow.artifacts import folder_intact
 
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    files = hash_tree(folder)
-    return files == manifest.get("files") and digest_of(files) == manifest.get("digest")
+    return folder_intact(folder)
 
 
 def content_digest(folder: Path) -> str:

@@ -379,14 +379,9 @@ def cache_key(
 
 
 def _intact(bundle: Path) -> bool:
-    from instructflow.artifacts import MANIFEST, digest_of, hash_tree
+    from instructflow.artifacts import folder_intact
 
-    try:
-        manifest = json.loads((bundle / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    files = hash_tree(bundle)
-    return files == manifest.get("files") and digest_of(files) == manifest.get("digest")
+    return folder_intact(bundle)
 
 
 def ensure_pretrained(
