@@ -624,10 +624,16 @@ class JudgeConfig(LLMEndpoint):
     mode: Literal["single", "pairwise", "both"] = "both"
     max_examples: Int | None = Field(default=None, ge=1, le=MAX_COUNT)
     bootstrap_samples: Int = Field(default=1000, ge=10, le=1_000_000)
-    # Calibration before grading: test items whose reference is compared with an empty, a
-    # wrong and a corrupted answer; below min_calibration (share right) the judge is untrusted.
+    # Calibration before grading (instructflow.calibration): test items whose reference is
+    # compared with wrong answers as often shorter as longer than it; below min_calibration
+    # (share right, single and pairwise apart) or, pairwise, min_position_consistency (share
+    # of pairs whose two orders name the same answer) the judge is untrusted.
     calibration_examples: Int = Field(default=16, ge=1, le=100_000)
     min_calibration: Float = Field(default=0.8, ge=0, le=1)
+    min_position_consistency: Float = Field(default=0.8, ge=0, le=1)
+    # Decisive comparisons the length-controlled win rate needs to count as evidence (an
+    # audit found it corrects a length bias from ~80 judged rows and is noise at 16).
+    lc_min_comparisons: Int = Field(default=80, ge=2, le=MAX_COUNT)
     # Above this share of failed units (verdicts with no usable reply) the judge is not used.
     max_failure_rate: Float = Field(default=0.2, ge=0, le=1)
 
@@ -635,8 +641,9 @@ class JudgeConfig(LLMEndpoint):
 class RegisterConfig(Section):
     enabled: bool = True
     model_name: Text = "instructflow-demo"
-    # A usable judge's pairwise win rate must have the LOWER bound of its 95 % bootstrap
-    # interval at or above this (vs the base model, or the champion when judged against it).
+    # A usable judge's decisive win rate (wins / (wins + losses): a tie is not a win) must
+    # have the LOWER bound of its 95 % interval strictly above this (vs the base model, or the
+    # champion when judged against it); all ties never pass (instructflow.gate).
     min_win_rate: Float = Field(default=0.5, ge=0, le=1)
     # Against the champion (instructflow.gate.RULES): the most each may worsen. ROUGE-L and
     # exact match are fractions, so a drop above 1 is a unit slip (percent).

@@ -3,8 +3,13 @@
 Each champion-comparison rule is one row of `RULES`: the metric, which way is better, the
 register config field holding the limit, and whether the limit is on the absolute or the
 relative change. A new promotion metric is one row (and its config field). The judge rule is
-apart: it reads the pairwise win rate's interval, only for a judge that proved itself
+apart: it reads the pairwise verdicts, only for a judge that proved itself
 (instructflow.calibration), and also applies before there is a champion (vs the base model).
+A tie is not a win: the rule reads the decisive win rate, wins / (wins + losses), and the lower
+bound of its 95 % Wilson interval must be strictly above `register.min_win_rate`; with no
+decisive comparison at all (every pair a tie) nothing shows the model better, so it fails.
+When the length-controlled figure is evidence (instructflow.win_rate) and its interval and the
+raw one do not overlap, the reasons say so and the length-controlled interval decides.
 
 When the test split changed since the champion was measured, each model's gain over its own
 base model is compared instead of raw values (a ratio for perplexity).
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from instructflow.win_rate import wilson
 
 
 @dataclass(frozen=True)
@@ -91,21 +98,41 @@ def _check(rule: Rule, new_m: dict, old_m: dict, cfg, same_split: bool) -> tuple
 
 
 def win_rate_rule(metrics: dict[str, float], cfg, judge: dict[str, Any]) -> tuple[bool, str]:
-    """The judge rule: the 95 % bootstrap interval's LOWER bound of the pairwise win rate must
-    reach `register.min_win_rate` (not the point estimate), and only a usable judge counts."""
-    win, low, high = (metrics.get(k) for k in ("win_rate", "win_rate_low", "win_rate_high"))
-    if win is None or low is None:
+    """The judge rule (see the module doc); only a usable judge counts."""
+    counts = [metrics.get(k) for k in ("wins", "ties", "losses")]
+    if None in counts:
         return True, "win rate: no pairwise judge result, rule skipped"
+    wins, ties, losses = (int(c) for c in counts)
     if not judge.get("usable"):
         status = judge.get("status") or "judge not calibrated"
-        return True, f"win rate {win:.3f}: {status}; rule skipped"
+        return True, f"win rate: {status}; rule skipped"
     opponent = judge.get("pairwise_opponent", "base")
-    against = "the champion" if opponent == "champion" else "the base model"
-    passed = low >= cfg.min_win_rate
-    return passed, (
-        f"win rate vs {against} {win:.3f}, 95 % interval [{low:.3f}, {high:.3f}]: lower bound "
-        f"{'>=' if passed else '<'} {cfg.min_win_rate}"
-    )
+    head = f"win rate vs {'the champion' if opponent == 'champion' else 'the base model'}"
+    tally = f"{wins} wins, {ties} ties, {losses} losses"
+    if wins + losses == 0:
+        return False, (
+            f"{head}: {tally}; a tie is not a win and no comparison was decisive, so nothing "
+            f"shows it better (needs the lower bound > {cfg.min_win_rate})"
+        )
+    low, high = wilson(wins, wins + losses)
+    figure = f"decisive {wins / (wins + losses):.3f}, 95 % interval [{low:.3f}, {high:.3f}]"
+    lc = [metrics.get(k) for k in ("win_rate_lc", "win_rate_lc_low", "win_rate_lc_high")]
+    note = judge.get("length_note") or ""
+    notes = []
+    if None not in lc and metrics.get("win_rate_lc_evidence") == 1.0:
+        lc_figure = f"length-controlled {lc[0]:.3f}, 95 % interval [{lc[1]:.3f}, {lc[2]:.3f}]"
+        if lc[1] > high or lc[2] < low:
+            notes.append(f"raw {figure}: the two disagree beyond their intervals")
+            figure, low = lc_figure + " (used: it and the raw figure disagree)", lc[1]
+        else:
+            notes.append(lc_figure)
+    elif None not in lc:
+        notes.append(f"length-controlled {lc[0]:.3f} is not evidence: {note}")
+    elif note:
+        notes.append(note)
+    passed = low > cfg.min_win_rate
+    verdict = f"lower bound {'>' if passed else '<='} {cfg.min_win_rate}"
+    return passed, "; ".join([f"{head}: {tally}; {figure}: {verdict}", *notes])
 
 
 def comparable(new: dict, old: dict, name: str, same_split: bool):

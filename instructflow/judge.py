@@ -5,10 +5,11 @@ from the environment variable NAMED by `judge.api_key_env` and lives only in the
 header), `hf` (a local causal LM scored from next-token probabilities, so it cannot fail to
 parse) and `none`. Pairwise verdicts are taken in both orders; orders that disagree are a tie.
 Before grading, the judge is calibrated on answers of known quality (instructflow.calibration);
-an untrusted judge's figures are logged but flagged and never used by the gate. An unparsable
-`openai` reply is retried once; if it fails again the verdict is failed: counted (per unit,
-`judge_failed_single` / `judge_failed_pairs`, and as `judge_failure_rate`) and left out of
-the means. Replies are cached under `<workspace>/judge_cache/` by (prompt hash, judge model).
+an untrusted judge's figures are logged but flagged and never used by the gate. Win rates,
+ties and the length control: instructflow.win_rate. An unparsable `openai` reply is retried
+once; if it fails again the verdict is failed: counted (per unit, `judge_failed_single` /
+`judge_failed_pairs`, and as `judge_failure_rate`) and left out of the means. Replies are
+cached under `<workspace>/judge_cache/` by (prompt hash, judge model).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from instructflow import judge_prompts as P
 from instructflow.config import JudgeConfig
 from instructflow.llm import ChatClient, LLMError, public_url
+from instructflow.win_rate import pairwise_figures
 
 log = logging.getLogger("instructflow.judge")
 # Sampling parameters of every judge request (greedy: a verdict must not be a dice roll).
@@ -57,6 +59,8 @@ class JudgeResult:
     usable: bool = False
     status: str = ""
     calibration: dict[str, Any] = field(default_factory=dict)
+    # Why the length-controlled win rate is not evidence, or that length explains the outcome.
+    length_note: str = ""
 
 
 def judge_params(cfg: JudgeConfig) -> dict[str, Any]:
@@ -250,18 +254,6 @@ def make_backend(cfg: JudgeConfig):
 
 
 # -- aggregation ------------------------------------------------------------------------------
-def bootstrap_ci(values: Sequence[float], samples: int, seed: int) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of the mean (numpy; scipy's BCa breaks on ties)."""
-    import numpy as np
-
-    arr = np.asarray(values, dtype=float)
-    if arr.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = arr[rng.integers(0, arr.size, size=(samples, arr.size))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def combine_orders(first: Verdict, second: Verdict) -> str:
     """Candidate's outcome from (candidate as A, baseline as B) and the swapped order."""
     if first.failed or second.failed:
@@ -278,39 +270,6 @@ def _mean(verdicts: list[Verdict]) -> float | None:
     return sum(ok) / len(ok) if ok else None
 
 
-def length_controlled_win_rate(outcomes: Sequence[str], cand: Sequence[str], base: Sequence[str]):
-    """AlpacaEval 2's length control: regress the preference on the (squashed) length
-    difference and read the win rate where the lengths are equal.
-
-    Logistic regression of win (1) / loss (0) on tanh((len_c - len_b) / std) with an
-    intercept, a tie counting as half a win and half a loss; the result is sigmoid(intercept).
-    None when it cannot be fitted (fewer than two outcomes, or only one kind of outcome)."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-
-    pairs = [(o, len(c) - len(b)) for o, c, b in zip(outcomes, cand, base, strict=True)]
-    pairs = [(o, d) for o, d in pairs if o in ("win", "loss", "tie")]
-    if len(pairs) < 2 or len({o for o, _ in pairs} - {"tie"}) < 1:
-        return None
-    diffs = np.array([d for _, d in pairs], dtype=float)
-    scale = diffs.std() or 1.0
-    x, y, w = [], [], []
-    for (o, _), d in zip(pairs, diffs, strict=True):
-        feat = [np.tanh(d / scale)]
-        for label, weight in (
-            (1, {"win": 1.0, "tie": 0.5}.get(o, 0.0)),
-            (0, {"loss": 1.0, "tie": 0.5}.get(o, 0.0)),
-        ):
-            if weight:
-                x.append(feat)
-                y.append(label)
-                w.append(weight)
-    if len(set(y)) < 2:
-        return None
-    fit = LogisticRegression(C=1e6).fit(np.array(x), np.array(y), sample_weight=np.array(w))
-    return float(1.0 / (1.0 + np.exp(-fit.intercept_[0])))
-
-
 def run_judge(
     cfg: JudgeConfig,
     items: Sequence[Item],
@@ -321,12 +280,13 @@ def run_judge(
     """Calibrate the judge, then judge `candidate` outputs (and `baseline` ones: the base
     model or the champion).
 
-    Calibration (instructflow.calibration) runs first on a sanity set from `items`; below
-    `judge.min_calibration` the judge is untrusted. A failed verdict (no usable reply after a
-    retry) is counted per unit, single verdicts and pairs apart, and left out of the means and
-    the win rate; `judge_failure_rate` is failed units / judged units, and above
-    `judge.max_failure_rate` the judge's figures are not used either. `result.usable` and
-    `result.status` say whether and why; every figure is logged either way.
+    Calibration (instructflow.calibration) runs first on a sanity set from `items`; a judge
+    that misses `judge.min_calibration` in any mode it runs, or `judge.min_position_consistency`
+    in pairwise mode, is untrusted. A failed verdict (no usable reply after a retry) is counted
+    per unit, single verdicts and pairs apart, and left out of the means and the win rates;
+    `judge_failure_rate` is failed units / judged units, and above `judge.max_failure_rate` the
+    judge's figures are not used either. `result.usable` and `result.status` say whether and
+    why; every figure is logged either way.
     """
     from instructflow import calibration
 
@@ -342,18 +302,25 @@ def run_judge(
         if progress:
             progress("judge: calibrating on answers of known quality")
         cal = calibration.calibrate(backend, items, cfg.mode, cfg.calibration_examples, cfg.seed)
+        problems = cal.problems(cfg.min_calibration, cfg.min_position_consistency)
         result.calibration = {
             "accuracy": cal.accuracy,
+            "single": cal.single,
+            "pairwise": cal.pairwise,
             "position_consistency": cal.position_consistency,
-            "checks": cal.checks,
+            "pairs": cal.pairs,
+            "reference_longer": cal.reference_longer,
             "failed": cal.failed,
+            "problems": problems,
             "table": cal.table,
         }
         result.metrics["calibration_accuracy"] = cal.accuracy
+        for name, value in (("single", cal.single), ("pairwise", cal.pairwise)):
+            if value is not None:
+                result.metrics[f"calibration_accuracy_{name}"] = value
         if cal.position_consistency is not None:
             result.metrics["position_consistency"] = cal.position_consistency
-        trusted = cal.trusted(cfg.min_calibration)
-        result.metrics["judge_trusted"] = float(trusted)
+        result.metrics["judge_trusted"] = float(not problems)
         if cfg.mode in ("single", "both"):
             if progress:
                 progress("judge: grading answers")
@@ -383,20 +350,16 @@ def run_judge(
             failed_pairs += outcomes.count("failed")
             units += len(outcomes)
             result.failures += [v.rationale for v in first + second if v.failed]
-            points = [{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "failed"]
-            result.metrics.update(
-                wins=outcomes.count("win"),
-                ties=outcomes.count("tie"),
-                losses=outcomes.count("loss"),
+            figures, lc = pairwise_figures(
+                outcomes,
+                candidate,
+                baseline,
+                samples=cfg.bootstrap_samples,
+                seed=cfg.seed,
+                lc_min_comparisons=cfg.lc_min_comparisons,
             )
-            if points:
-                low, high = bootstrap_ci(points, cfg.bootstrap_samples, cfg.seed)
-                result.metrics.update(
-                    win_rate=sum(points) / len(points), win_rate_low=low, win_rate_high=high
-                )
-                lc = length_controlled_win_rate(outcomes, candidate, baseline)
-                if lc is not None:
-                    result.metrics["win_rate_lc"] = lc
+            result.metrics.update(figures)
+            result.length_note = lc.note
     finally:
         backend.close()
     rate = (failed_single + failed_pairs) / units if units else 0.0
@@ -405,10 +368,9 @@ def run_judge(
         judge_failed_pairs=failed_pairs,
         judge_failure_rate=rate,
     )
-    if not trusted:
-        result.status = (
-            f"judge untrusted: calibration accuracy {cal.accuracy:.2f} < "
-            f"judge.min_calibration {cfg.min_calibration:.2f}"
+    if problems:
+        result.status = f"judge untrusted: calibration accuracy {cal.accuracy:.2f}: " + "; ".join(
+            problems
         )
     elif rate > cfg.max_failure_rate:
         result.status = (
@@ -417,7 +379,10 @@ def run_judge(
         )
     else:
         result.usable = True
-        result.status = f"judge trusted: calibration accuracy {cal.accuracy:.2f}"
+        pc = cal.position_consistency
+        result.status = f"judge trusted: calibration accuracy {cal.accuracy:.2f}" + (
+            f", position consistency {pc:.2f}" if pc is not None else ""
+        )
     if result.failures:
         log.warning(
             "judge: %d verdict(s) failed; first: %s",

@@ -67,6 +67,14 @@ def tables(report: dict[str, Any]) -> list[Any]:
         cells = [fmt.format(base) if base is not None else "-"] if has_base else []
         head.add_row(label, *cells, fmt.format(metrics[key]))
     out.append(head)
+    if "bertscore_f1" in metrics and report.get("bertscore_note"):
+        empty = ", ".join(
+            f"{who} {int(metrics[k])}"
+            for who, k in (("base", "bertscore_empty_base"), ("fine-tuned", "bertscore_empty"))
+            if metrics.get(k)
+        )
+        note = f"BERTScore F1: {report['bertscore_note']}"
+        out.append(escape(note + (f"; empty answers scored 0: {empty}" if empty else "")))
     line = judge_line(report)
     if line:
         out.append(line)
@@ -98,33 +106,63 @@ def tables(report: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _interval(m: dict[str, Any], key: str) -> str:
+    low, high = m.get(f"{key}_low", float("nan")), m.get(f"{key}_high", float("nan"))
+    return f"{m[key]:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _pairwise_figures(m: dict[str, Any], judge: dict[str, Any]) -> list[str]:
+    """Win rate (tie = half), the decisive one the gate reads, and the length-controlled one
+    with whether it is evidence."""
+    if "win_rate" not in m:
+        return []
+    out = [f"win rate vs {judge.get('pairwise_opponent', 'base')} {_interval(m, 'win_rate')}"]
+    tally = f"{int(m.get('wins', 0))}/{int(m.get('ties', 0))}/{int(m.get('losses', 0))} W/T/L"
+    if "decisive_win_rate" in m:
+        out.append(f"decisive {_interval(m, 'decisive_win_rate')} ({tally})")
+    else:
+        out.append(f"no decisive comparison ({tally}): a tie is not a win")
+    if "win_rate_lc" in m:
+        lc = f"length-controlled {_interval(m, 'win_rate_lc')}"
+        if m.get("win_rate_lc_evidence") != 1.0:
+            lc += f" NOT EVIDENCE ({judge.get('length_note') or 'too few comparisons'})"
+        out.append(lc)
+    return out
+
+
 def judge_line(report: dict[str, Any]) -> str | None:
-    """One line on the judge: its figures, and whether they are evidence (calibrated) or not."""
+    """One line on the judge: its figures, and whether they are evidence (calibrated) or not;
+    a second one when answer length alone explains the pairwise outcome."""
     from rich.markup import escape
 
     judge = report.get("judge") or {}
     m = report.get("metrics", {})
     if judge.get("judge_backend") in (None, "none"):
         return None
-    figures = []
-    if "win_rate" in m:
-        against = judge.get("pairwise_opponent", "base")
-        low, high = m.get("win_rate_low", float("nan")), m.get("win_rate_high", float("nan"))
-        figures.append(f"win rate vs {against} {m['win_rate']:.2f} [{low:.2f}, {high:.2f}]")
-        if "win_rate_lc" in m:
-            figures.append(f"length-controlled {m['win_rate_lc']:.2f}")
+    figures = _pairwise_figures(m, judge)
     if "judge_score" in m:
         base = f" (base {m['judge_score_base']:.1f})" if "judge_score_base" in m else ""
         figures.append(f"score {m['judge_score']:.1f}/10{base}")
     if "mt_bench.overall" in m:
         base = f" (base {m['mt_bench.overall_base']:.1f})" if "mt_bench.overall_base" in m else ""
-        figures.append(f"MT-Bench-style {m['mt_bench.overall']:.1f}/10{base}")
+        turns = sorted(
+            k.removeprefix("mt_bench.")
+            for k in m
+            if k.startswith("mt_bench.turn") and not k.endswith("_base")
+        )
+        per_turn = ", ".join(f"{t} {m[f'mt_bench.{t}']:.1f}" for t in turns)
+        figures.append(f"MT-Bench-style {m['mt_bench.overall']:.1f}/10{base} ({per_turn})")
     who = escape(f"judge {judge.get('judge_model')}")
+    note = judge.get("length_note") or ""
+    warning = (
+        f"\n[bold yellow]warning[/]: {escape(note)}" if note.startswith("length alone") else ""
+    )
     if judge.get("usable"):
-        return f"{who}: {escape(', '.join(figures))} — {escape(judge.get('status') or '')}"
+        status = escape(judge.get("status") or "")
+        return f"{who}: {escape(', '.join(figures))} — {status}{warning}"
     return (
         f"[bold yellow]{who}: NOT EVIDENCE[/] — {escape(judge.get('status') or '')}; its "
-        f"figures ({escape(', '.join(figures))}) are logged but not used by the gate"
+        f"figures ({escape(', '.join(figures))}) are logged but not used by the gate{warning}"
     )
 
 

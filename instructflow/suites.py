@@ -9,9 +9,12 @@ resolves a relative `data_files` path against the current directory, so local ta
 name their data by absolute path.
 
 `mt_bench` follows FastChat's MT-Bench question format (`question_id`, `category`, `turns`,
-optional `reference` per turn): each model answers turn by turn (greedy decoding), seeing the
-conversation so far with its own earlier answers, and the judge grades the final answer of each
-question with single-answer grading (1-10), the earlier turns shown as a transcript.
+optional `reference` per turn): each model answers turn by turn (greedy decoding, at most
+`evaluate.max_new_tokens` new tokens per answer), seeing the conversation so far with its own
+earlier answers, and the judge grades EVERY turn's answer with single-answer grading (1-10),
+the earlier turns shown as a transcript, as MT-Bench grades both of its turns. A turn with a
+reference is graded against it; one without is graded with the reference-free rubric
+(instructflow.judge_prompts picks it for a blank reference), as MT-Bench does.
 """
 
 from __future__ import annotations
@@ -123,44 +126,45 @@ def turn_prompt(turns: Sequence[str], answers: Sequence[str], template: str, tok
     return templates.generation_prompt({"messages": msgs}, template, tokenizer)
 
 
-def judge_item(question: dict[str, Any], answers: Sequence[str]) -> judge.Item:
-    """The final turn as the judge sees it: the last user turn as the instruction, the earlier
-    turns with the model's answers as a "User: ..." / "Assistant: ..." transcript in `input`
-    (as the Alpaca template renders conversations), and the last turn's reference if any."""
+def judge_item(question: dict[str, Any], answers: Sequence[str], turn: int) -> judge.Item:
+    """Turn `turn` (0-based) as the judge sees it: its user message as the instruction, the
+    earlier turns with the model's answers as a "User: ..." / "Assistant: ..." transcript in
+    `input` (as the Alpaca template renders conversations), and that turn's reference, or ""
+    (the reference-free rubric) when the question has none for it."""
     turns = question["turns"]
     instruction, context = templates.instruction_and_context(
-        {"messages": _conversation(turns, answers)}
+        {"messages": _conversation(turns[: turn + 1], answers[: turn + 1])}
     )
     refs = question.get("reference") or []
-    reference = refs[len(turns) - 1] if len(refs) >= len(turns) else ""
+    reference = refs[turn] if turn < len(refs) and isinstance(refs[turn], str) else ""
     return judge.Item(instruction=instruction, input=context, reference=reference)
 
 
 def _answer(
     model, tokenizer, template: str, questions: list[dict[str, Any]], max_new_tokens: int
-) -> tuple[list[list[str]], list[str]]:
-    """Per question, the answers of every turn, and the prompt of its final turn. Turn k of
-    all questions that have one is generated as one batch."""
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Per question, the answer and the prompt of every turn. Turn k of all questions that
+    have one is generated as one batch."""
     from instructflow import generation
 
     answers: list[list[str]] = [[] for _ in questions]
-    finals = [""] * len(questions)
+    prompts: list[list[str]] = [[] for _ in questions]
     for k in range(max(len(q["turns"]) for q in questions)):
         ask = [i for i, q in enumerate(questions) if len(q["turns"]) > k]
-        prompts = [turn_prompt(questions[i]["turns"], answers[i], template, tokenizer) for i in ask]
+        batch = [turn_prompt(questions[i]["turns"], answers[i], template, tokenizer) for i in ask]
         outs = generation.generate(
             model,
             tokenizer,
-            prompts,
+            batch,
             max_new_tokens=max_new_tokens,
             stop_strings=templates.stop_strings(template, tokenizer),
             stop_tokens=[templates.end_of_turn_token(template, tokenizer)],
             add_special_tokens=templates.add_special_tokens(template),
         )
-        for i, prompt, out in zip(ask, prompts, outs, strict=True):
+        for i, prompt, out in zip(ask, batch, outs, strict=True):
             answers[i].append(out)
-            finals[i] = prompt
-    return answers, finals
+            prompts[i].append(prompt)
+    return answers, prompts
 
 
 def _mean(values: list[float]) -> float | None:
@@ -173,53 +177,62 @@ def mt_bench(
     questions: list[dict[str, Any]],
     judge_backend: SingleGrader,
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int,
 ) -> dict[str, Any]:
     """Answer `questions` with each of `models` ({name: (model, tokenizer)}) under `template`
-    and grade every final answer with `judge_backend.single`.
+    and grade every turn's answer with `judge_backend.single`.
 
-    Returns {"models": {name: {"overall", "categories": {category: mean}, "judged",
-    "failures"}}, "table": [one row per (model, question)]}. Means are over the verdicts that
-    did not fail (None when none did); `overall` is the mean over questions, not categories.
-    Table rows (for mlflow.log_table): model, question_id, category, turns, instruction, input
-    (transcript of earlier turns), reference, prompt (of the final turn), answer (final),
-    answers (every turn's), score, failed, rationale."""
+    Returns {"models": {name: {"overall", "turns": {turn number: mean}, "categories":
+    {category: mean}, "judged", "failures"}}, "table": [one row per (model, question, turn)]}.
+    Means are over the verdicts that did not fail (None when none did); `overall` is the mean
+    over every graded turn (MT-Bench's score), not over categories. Table rows (for
+    mlflow.log_table): model, question_id, category, turn (1-based), turns, instruction, input
+    (transcript of earlier turns), reference, rubric ("reference" / "no reference"), prompt
+    (of that turn), answer, score, failed, rationale."""
     if not questions:
         raise SuiteError("mt_bench: no questions")
     summary: dict[str, Any] = {}
     table: list[dict[str, Any]] = []
     for name, (model, tokenizer) in models.items():
         answers, prompts = _answer(model, tokenizer, template, questions, max_new_tokens)
-        items = [judge_item(q, a) for q, a in zip(questions, answers, strict=True)]
-        verdicts = judge_backend.single(items, [a[-1] for a in answers])
+        graded = [
+            (q, k, a, p)
+            for q, a, p in zip(questions, answers, prompts, strict=True)
+            for k in range(len(q["turns"]))
+        ]
+        items = [judge_item(q, a, k) for q, k, a, _ in graded]
+        verdicts = judge_backend.single(items, [a[k] for _, k, a, _ in graded])
         by_category: dict[str, list[float]] = defaultdict(list)
-        for q, item, prompt, ans, v in zip(
-            questions, items, prompts, answers, verdicts, strict=True
-        ):
+        by_turn: dict[int, list[float]] = defaultdict(list)
+        for (q, k, a, p), item, v in zip(graded, items, verdicts, strict=True):
             if not v.failed:
                 by_category[q["category"]].append(float(v.value))
+                by_turn[k + 1].append(float(v.value))
             table.append(
                 {
                     "model": name,
                     "question_id": q["question_id"],
                     "category": q["category"],
+                    "turn": k + 1,
                     "turns": len(q["turns"]),
                     "instruction": item.instruction,
                     "input": item.input,
                     "reference": item.reference,
-                    "prompt": prompt,
-                    "answer": ans[-1],
-                    "answers": list(ans),
+                    "rubric": "reference" if item.reference.strip() else "no reference",
+                    "prompt": p[k],
+                    "answer": a[k],
                     "score": None if v.failed else float(v.value),
                     "failed": v.failed,
                     "rationale": v.rationale,
                 }
             )
-        categories = sorted({q["category"] for q in questions})
         failures = sum(v.failed for v in verdicts)
         summary[name] = {
-            "overall": _mean([s for c in categories for s in by_category[c]]),
-            "categories": {c: _mean(by_category[c]) for c in categories},
+            "overall": _mean([s for scores in by_turn.values() for s in scores]),
+            "turns": {t: _mean(by_turn[t]) for t in sorted({k + 1 for _, k, _, _ in graded})},
+            "categories": {
+                c: _mean(by_category[c]) for c in sorted({q["category"] for q in questions})
+            },
             "judged": len(verdicts) - failures,
             "failures": failures,
         }
@@ -230,7 +243,8 @@ def mt_bench(
 def run_configured(model, tokenizer, template: str, cfg, grader, name: str) -> dict[str, Any]:
     """The suites `cfg` (an EvaluateConfig) asks for, on one model: {"metrics": {name:
     value}, "tables": {file: rows}}. Metric names: `lm_eval.<task>.<metric>`,
-    `mt_bench.overall`, `mt_bench.<category>`; `name` labels the table rows."""
+    `mt_bench.overall`, `mt_bench.turn<k>`, `mt_bench.<category>`; `name` labels the table
+    rows. MT-Bench answers get `cfg.max_new_tokens` new tokens, as the test split's do."""
     metrics: dict[str, float] = {}
     tables: dict[str, list[dict[str, Any]]] = {}
     if cfg.lm_eval_tasks:
@@ -246,10 +260,19 @@ def run_configured(model, tokenizer, template: str, cfg, grader, name: str) -> d
         tables["lm_eval.json"] = [{"model": name, "task": t, **v} for t, v in scores.items()]
     if cfg.mt_bench and grader is not None:
         path = None if cfg.mt_bench == "builtin" else cfg.mt_bench
-        result = mt_bench({name: (model, tokenizer)}, template, load_questions(path), grader)
+        result = mt_bench(
+            {name: (model, tokenizer)},
+            template,
+            load_questions(path),
+            grader,
+            max_new_tokens=cfg.max_new_tokens,
+        )
         summary = result["models"][name]
         if summary["overall"] is not None:
             metrics["mt_bench.overall"] = summary["overall"]
+        for turn, value in summary["turns"].items():
+            if value is not None:
+                metrics[f"mt_bench.turn{turn}"] = value
         for category, value in summary["categories"].items():
             if value is not None:
                 metrics[f"mt_bench.{category}"] = value

@@ -32,6 +32,8 @@ BOOKKEEPING = (
     "judge_failed_single",
     "judge_failed_pairs",
     "bertscore_layer",
+    "bertscore_empty",
+    "bertscore_empty_base",
 )
 
 
@@ -258,6 +260,7 @@ def evaluate(
             for part in ("precision", "recall", "f1"):
                 metrics[f"bertscore_{part}{suffix}"] = bs[f"{part}_mean"]
             columns[f"bertscore_f1{suffix}"] = bs["f1"]
+            metrics[f"bertscore_empty{suffix}"] = bs["empty"]
         metrics["bertscore_layer"] = bs["num_layers"]
 
     items = [judge.Item(i, c, ref) for (i, c), ref in zip(asked, refs, strict=True)]
@@ -272,6 +275,8 @@ def evaluate(
     metrics.update(verdicts.metrics)
     if verdicts.status and not verdicts.usable:
         progress.notify("warning", stage="evaluate", message=verdicts.status)
+    if verdicts.length_note.startswith("length alone explains"):
+        progress.notify("warning", stage="evaluate", message=verdicts.length_note)
     n_judged = len(next(iter(verdicts.columns.values()), []))
     for name, values in verdicts.columns.items():
         columns[name] = values + [None] * (len(rows) - n_judged)
@@ -288,6 +293,7 @@ def evaluate(
     report = {
         "metrics": metrics,
         "bleu_note": bleu_note,
+        "bertscore_note": semantic.PACKAGE_NOTE if cfg.semantic_model else None,
         "groups": {"by": cfg.group_by, "table": groups},
         "sources": {"by": "source", "table": by_source},
         "showcase": showcase(rows, cfg.group_by if groups else None, ft_out, base_out),
@@ -295,6 +301,7 @@ def evaluate(
             **params,
             "usable": verdicts.usable,
             "status": verdicts.status,
+            "length_note": verdicts.length_note,
             "calibration": {k: v for k, v in verdicts.calibration.items() if k != "table"},
             "config": judge_cfg.model_dump(mode="json"),
             "failures": verdicts.failures[:20],

@@ -4,14 +4,17 @@ by a real HTTP judge endpoint; figures and tables land in MLflow for both models
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 from evaluate_fixtures import canonical_rows, make_base, make_inputs, make_train
+from rich.console import Console
 from test_judge import Stub
 from test_semantic import _save_tiny_bert
 
+from instructflow import report
 from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
 
 LM_EVAL_DATA = Path(__file__).parent / "data" / "lm_eval"
@@ -69,10 +72,34 @@ def test_bertscore_lm_eval_and_mt_bench_land_in_mlflow(home, tmp_path):
         # The stub grades 3 unless the answer says "good": known figures for every category.
         assert m[f"mt_bench.overall{suffix}"] == 3.0
         assert m[f"mt_bench.math{suffix}"] == 3.0 and m[f"mt_bench.failures{suffix}"] == 0
+        # Both turns graded (MT-Bench's turn 1 and turn 2 scores).
+        assert m[f"mt_bench.turn1{suffix}"] == m[f"mt_bench.turn2{suffix}"] == 3.0
     # The MT-Bench questions really went to the judge, with their earlier turns for two-turn
-    # ones.
+    # ones, and those without a reference under the reference-free rubric.
     graded = [r["body"]["messages"][1]["content"] for r in stub.requests]
     assert any("User: " in g and "Assistant: " in g for g in graded)
+    no_ref = [g for g in graded if "There is no reference answer" in g]
+    assert no_ref and not any("### Reference answer:" in g for g in no_ref)
+    table = json.loads(ref.file("mt_bench.json").read_text())
+    # 8 questions, 2 of them with two turns, for both models; 3 turns have no reference.
+    assert len(table["turn"]) == 2 * 10 and table["turn"].count(2) == 2 * 2
+    assert table["rubric"].count("no reference") == 2 * 3
+    assert all(s == 3.0 for s in table["score"])
+
+    # BERTScore says next to the figure how it differs from the bert-score package, and how
+    # many empty answers it scored 0 (which that package cannot score at all).
+    report_json = json.loads(ref.file("report.json").read_text())
+    assert "unlike in the bert-score package" in report_json["bertscore_note"]
+    examples = json.loads(ref.file("examples.json").read_text())
+    for suffix, column in (("", "finetuned_output"), ("_base", "base_output")):
+        empty = sum(not a.strip() for a in examples[column])
+        assert ref.figures[f"bertscore_empty{suffix}"] == empty
+    console = Console(record=True, width=200)
+    for renderable in report.tables(report_json):
+        console.print(renderable)
+    shown = " ".join(console.export_text().split())
+    assert "BERTScore F1: special tokens are not matched, unlike in the bert-score" in shown
+    assert "MT-Bench-style 3.0/10 (base 3.0) (turn1 3.0, turn2 3.0)" in shown
 
     tracking.setup(None, "suites")
     with mlflow.start_run() as run:

@@ -8,68 +8,40 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from llm_stub import send_chat_reply
+from judge_stub import JudgeEndpoint, read_prompt
 
-from instructflow import judge
+from instructflow import judge, win_rate
 from instructflow.config import JudgeConfig
 
 SECRET = "sk-test-DO-NOT-LOG-4f1c2a"
 
 
-class Stub:
+class Stub(JudgeEndpoint):
     """An OpenAI-compatible endpoint that reads the reference. Single grading: 9 if the
     response says 'good' or is the reference, else 3. Pairwise: the response that says 'good'
     or is the reference wins, except 'biased' items where it always answers A. 'garbage' items
     answer non-JSON unless the retry instruction is present; 'hopeless' items always answer
-    non-JSON."""
-
-    def __init__(self, delay: float = 0.0):
-        self.requests: list[dict] = []
-        self.delay = delay
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append({"auth": self.headers.get("Authorization"), "body": body})
-                time.sleep(stub.delay)
-                send_chat_reply(self, stub.reply(body["messages"]))
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    non-JSON. A reference-free prompt is graded the same way (nothing equals no reference)."""
 
     def reply(self, messages: list[dict]) -> str:
         prompt = messages[1]["content"]
         retried = len(messages) > 2
         if "hopeless" in prompt or ("garbage" in prompt and not retried):
             return "I think it is pretty good, maybe a 7?"
-        reference = prompt.split("### Reference answer:")[1].split("###")[0].strip()
+        parts = read_prompt(prompt)
 
         def good(text: str) -> bool:
-            return "good" in text or text.strip() == reference
+            return "good" in text or text == parts["reference"]
 
-        if "### Response A:" in prompt:
-            a = prompt.split("### Response A:")[1].split("### Response B:")[0]
-            b = prompt.split("### Response B:")[1].split("Reply with exactly")[0]
+        if parts["response"] is None:
+            a, b = parts["a"], parts["b"]
             winner = "A" if "biased" in prompt or good(a) else "B" if good(b) else "tie"
             return json.dumps({"winner": winner, "rationale": "rule"})
-        response = prompt.split("### Response to grade:")[1].split("Reply with exactly")[0]
-        score = 9 if good(response) else 3
+        score = 9 if good(parts["response"]) else 3
         return "```json\n" + json.dumps({"score": score, "rationale": "rule"}) + "\n```"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -107,8 +79,8 @@ def test_strict_parsing_and_order_combination():
     assert judge.combine_orders(v("B"), v("A")) == "loss"
     assert judge.combine_orders(v("A"), v("A")) == "tie"  # position bias -> tie
     assert judge.combine_orders(v("A"), v(failed=True)) == "failed"
-    lo, hi = judge.bootstrap_ci([1, 0, 1, 0.5, 1], 500, seed=0)
-    assert (lo, hi) == judge.bootstrap_ci([1, 0, 1, 0.5, 1], 500, seed=0) and lo < 0.7 < hi
+    lo, hi = win_rate.bootstrap_ci([1, 0, 1, 0.5, 1], 500, seed=0)
+    assert (lo, hi) == win_rate.bootstrap_ci([1, 0, 1, 0.5, 1], 500, seed=0) and lo < 0.7 < hi
 
 
 def test_openai_judge_scores_retries_counts_failures_and_caches(home, stub, caplog, monkeypatch):
@@ -126,16 +98,25 @@ def test_openai_judge_scores_retries_counts_failures_and_caches(home, stub, capl
     assert (m["wins"], m["ties"], m["losses"]) == (2, 1, 0)
     assert m["win_rate"] == pytest.approx(2.5 / 3)
     assert m["win_rate_low"] <= m["win_rate"] <= m["win_rate_high"]
+    # The tie is left out of the decisive win rate, whose Wilson interval stays wide at 2/2.
+    assert m["decisive_win_rate"] == 1.0 and m["decisive_win_rate_low"] < 0.5
     # Failures per unit: 2 single verdicts (hopeless, ft and base) and 1 pair; 12 units.
     assert (m["judge_failed_single"], m["judge_failed_pairs"]) == (2, 1)
     assert m["judge_failure_rate"] == pytest.approx(3 / 12)
     assert res.columns["judge_score"] == [9.0, 9.0, 9.0, None]
     assert res.columns["pairwise"] == ["win", "win", "tie", "failed"]
     assert "unparsable" in res.failures[0]
-    # Calibration caught the hopeless and the position-biased item: 16 of 24 checks right
-    # (8 sanity pairs: single + both pairwise orders), so the judge is not trusted.
-    assert m["calibration_accuracy"] == pytest.approx(16 / 24) and m["judge_trusted"] == 0.0
-    assert not res.usable and "untrusted: calibration accuracy 0.67" in res.status
+    # Calibration, 3 sanity pairs per item (every reference is "ref": one shorter, one longer
+    # and one as long wrong answer). Single: the hopeless item's 3 checks fail, 9/12 right.
+    # Pairwise: the biased item is right in one order only and hopeless in none: 6/12 right
+    # in both orders, 6/12 consistent. The weakest mode decides: untrusted.
+    assert m["calibration_accuracy_single"] == pytest.approx(9 / 12)
+    assert m["calibration_accuracy_pairwise"] == pytest.approx(6 / 12)
+    assert m["position_consistency"] == pytest.approx(6 / 12)
+    assert m["calibration_accuracy"] == pytest.approx(6 / 12) and m["judge_trusted"] == 0.0
+    assert not res.usable and "untrusted: calibration accuracy 0.50" in res.status
+    for problem in ("single 0.75 <", "pairwise 0.50 <", "position consistency 0.50 <"):
+        assert problem in res.status
     # The key went to the endpoint, in the header only.
     assert {r["auth"] for r in stub.requests} == {f"Bearer {SECRET}"}
     assert all(r["body"]["temperature"] == 0 for r in stub.requests)
@@ -159,30 +140,20 @@ def test_a_judge_that_reads_the_reference_is_trusted_a_biased_one_is_not(home, s
     assert m["calibration_accuracy"] == 1.0 and m["position_consistency"] == 1.0
     assert res.usable and m["judge_trusted"] == 1.0 and m["judge_failure_rate"] == 0.0
     assert res.status.startswith("judge trusted")
-    kinds = {row["kind"] for row in res.calibration["table"]}
-    assert kinds == {"empty", "other_reference", "corrupted"}
+    table = res.calibration["table"]
+    # Two wrong answers of each kind of length per reference ("answer 3": 8 characters).
+    assert len(table) == 6 * 6 and res.calibration["reference_longer"] == 0.5
+    assert {row["kind"] for row in table if row["reference_longer"]} <= {"empty", "truncated"}
 
     biased = [judge.Item(f"biased item {i}", "", f"answer {i}") for i in range(6)]
     res = judge.run_judge(_cfg(stub.url), biased, cand, base)
-    # Always "A": right in one order of each pair, never consistent across orders.
+    # Always "A": right in one order of each pair only, never consistent across orders.
     assert res.metrics["position_consistency"] == 0.0
+    assert res.metrics["calibration_accuracy_pairwise"] == 0.0
+    assert res.metrics["calibration_accuracy_single"] == 1.0  # single grading is unbiased
     assert not res.usable and res.metrics["judge_trusted"] == 0.0
     assert res.metrics["win_rate"] == 0.5  # all ties: what a fully biased judge gives
-
-
-def test_length_controlled_win_rate_discounts_a_preference_for_long_answers():
-    long_, short = "x" * 80, "y" * 10
-    # The candidate wins exactly when it is the longer one: no preference at equal length.
-    outcomes = ["win"] * 10 + ["loss"] * 10
-    cand = [long_] * 10 + [short] * 10
-    base = [short] * 10 + [long_] * 10
-    lc = judge.length_controlled_win_rate(outcomes, cand, base)
-    assert lc == pytest.approx(0.5, abs=0.02)
-    # A candidate that wins 15/20 at equal lengths keeps its win rate.
-    same = ["z" * 20] * 20
-    lc = judge.length_controlled_win_rate(["win"] * 15 + ["loss"] * 5, same, same)
-    assert lc == pytest.approx(0.75, abs=0.01)
-    assert judge.length_controlled_win_rate(["tie"] * 4, same[:4], same[:4]) is None
+    assert "decisive_win_rate" not in res.metrics  # ... and no decisive comparison
 
 
 def test_unreachable_endpoint_fails_fast_in_one_line(home):
@@ -208,9 +179,9 @@ def test_slow_endpoint_times_out_retries_and_counts_failures(home):
         t0 = time.perf_counter()
         res = judge.run_judge(cfg, ITEMS[:2], ["good"] * 2)
         assert time.perf_counter() - t0 < 10  # no hang
-        # 2 grading prompts + calibration (2 items x 2 sanity pairs: the reference and the
-        # wrong answer graded alone), each tried twice (first try + one retry), none answered.
-        assert len(slow.requests) == 2 * (2 + 2 * 4)
+        # 2 grading prompts + calibration (2 items: each reference once and its 3 wrong
+        # answers, graded alone), each tried twice (first try + one retry), none answered.
+        assert len(slow.requests) == 2 * (2 + 2 * (1 + 3))
         assert res.metrics["judge_failed_single"] == 2
         assert re.search(r"timed out after 0.3s", res.failures[0])
     finally:
@@ -264,6 +235,18 @@ def test_key_never_reaches_mlflow_through_the_evaluate_stage(home, stub, monkeyp
             logged += path.read_text(errors="ignore")
     assert "judge_rationale" in logged  # the table really was logged
     assert SECRET not in logged
+
+    # The report carries what the gate reads. Neither model's answer is the reference nor
+    # says "good", so the (trusted) judge ties every pair, and the gate does not promote.
+    from instructflow.config import RegisterConfig
+    from instructflow.gate import gate
+
+    report = json.loads(ref.file("report.json").read_text())
+    m = report["metrics"]
+    assert report["judge"]["usable"] and (m["wins"], m["ties"], m["losses"]) == (0, 3, 0)
+    assert report["judge"]["length_note"] == "no decisive comparison"
+    promoted, reasons = gate(m, None, RegisterConfig(), judge=report["judge"])
+    assert not promoted and any("a tie is not a win" in r for r in reasons)
 
 
 def test_multi_turn_rows_are_judged_with_their_conversation(home, stub, shared_datasets):

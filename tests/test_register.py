@@ -159,30 +159,41 @@ def test_gate_rejects_regression_and_promotes_improvement(home):
 
 def test_gate_rules():
     from instructflow.gate import gate
+    from instructflow.win_rate import wilson
 
     cfg = RegisterConfig(min_win_rate=0.5, max_rougeL_drop=0.02, max_perplexity_increase=0.05)
     champ = {"perplexity": 10.0, "perplexity_base": 20.0, "rougeL": 0.5, "rougeL_base": 0.2}
     trusted = {"usable": True, "status": "judge trusted", "pairwise_opponent": "champion"}
 
-    def judged(win: float, low: float, high: float) -> dict:
-        return {**champ, "win_rate": win, "win_rate_low": low, "win_rate_high": high}
+    def judged(wins: int, ties: int, losses: int) -> dict:
+        return {**champ, "wins": wins, "ties": ties, "losses": losses}
 
-    # The interval's lower bound decides, not the point estimate.
-    ok, reasons = gate(judged(0.62, 0.45, 0.78), champ, cfg, judge=trusted)
-    assert not ok and any("lower bound < 0.5" in r and "vs the champion" in r for r in reasons)
-    ok, _ = gate(judged(0.70, 0.55, 0.85), champ, cfg, judge=trusted)
-    assert ok
+    # The decisive win rate's Wilson interval decides: 12/16 has its lower bound at 0.505.
+    ok, reasons = gate(judged(12, 3, 4), champ, cfg, judge=trusted)
+    assert ok and any("decisive 0.750" in r and "lower bound > 0.5" in r for r in reasons)
+    ok, reasons = gate(judged(10, 0, 6), champ, cfg, judge=trusted)
+    assert not ok and any("lower bound <= 0.5" in r and "vs the champion" in r for r in reasons)
+    # A tie is not a win: all ties fail, and so does one win among many ties (ties counted
+    # as half a win gave 0.5 [0.5, 0.5] and 0.505 [0.5, 0.52] here, and both passed).
+    ok, reasons = gate(judged(0, 106, 0), champ, cfg, judge=trusted)
+    tie_reason = "0 wins, 106 ties, 0 losses; a tie is not a win"
+    assert not ok and any(tie_reason in r for r in reasons)
+    assert not gate(judged(1, 105, 0), champ, cfg, judge=trusted)[0]
+    assert not gate(judged(0, 16, 0), None, cfg, judge={**trusted, "pairwise_opponent": "base"})[0]
+    # The threshold is strict: a lower bound exactly at it fails.
+    at_bound = RegisterConfig(min_win_rate=wilson(12, 16)[0])
+    assert not gate(judged(12, 0, 4), champ, at_bound, judge=trusted)[0]
     # An untrusted judge (or one that failed too often) is not used, and the reasons say why.
-    untrusted = {"usable": False, "status": "judge untrusted: calibration accuracy 0.40 < 0.80"}
-    ok, reasons = gate(judged(0.10, 0.0, 0.2), champ, cfg, judge=untrusted)
+    untrusted = {"usable": False, "status": "judge untrusted: calibration accuracy 0.40: ..."}
+    ok, reasons = gate(judged(0, 1, 20), champ, cfg, judge=untrusted)
     assert ok and any(
         "untrusted: calibration accuracy 0.40" in r and "skipped" in r for r in reasons
     )
     # No champion yet: the judge's opponent is the base model, and the reasons say so.
     vs_base = {**trusted, "pairwise_opponent": "base"}
-    ok, reasons = gate(judged(0.55, 0.40, 0.70), None, cfg, judge=vs_base)
+    ok, reasons = gate(judged(9, 0, 7), None, cfg, judge=vs_base)
     assert not ok and any("vs the base model" in r for r in reasons)
-    assert gate(judged(0.9, 0.8, 1.0), None, cfg, judge=vs_base)[0]
+    assert gate(judged(15, 0, 1), None, cfg, judge=vs_base)[0]
 
     ok, _ = gate({**champ, "perplexity": 10.6}, champ, cfg)
     assert not ok  # +6% > +5%
@@ -193,3 +204,91 @@ def test_gate_rules():
     ok, reasons = gate(new, champ, cfg, same_split=False)
     assert ok and all("splits differ" in r for r in reasons if "skipped" not in r)
     assert not gate(new, champ, cfg, same_split=True)[0]
+
+
+def test_gate_uses_the_length_controlled_figure_when_the_two_disagree():
+    from test_win_rate import simulate
+
+    from instructflow import win_rate
+    from instructflow.gate import win_rate_rule
+
+    cfg = RegisterConfig(min_win_rate=0.5)
+
+    def rule(outcomes, cand, base, lc_min=80):
+        m, lc = win_rate.pairwise_figures(
+            outcomes, cand, base, samples=400, seed=0, lc_min_comparisons=lc_min
+        )
+        judge = {"usable": True, "pairwise_opponent": "base", "length_note": lc.note}
+        return m, win_rate_rule(m, cfg, judge)
+
+    # A judge that mostly rewards length: raw 0.7+ with a tight interval, equal quality at
+    # equal length. The intervals do not overlap: the length-controlled one decides.
+    m, (ok, reason) = rule(*simulate(400, 0.5, 2.5))
+    assert m["decisive_win_rate_low"] > 0.5 and m["win_rate_lc_high"] < m["decisive_win_rate_low"]
+    assert not ok and "disagree beyond their intervals" in reason
+    assert f"length-controlled {m['win_rate_lc']:.3f}" in reason and "(used:" in reason
+    # Without a length bias they agree and the raw figure decides.
+    m, (ok, reason) = rule(*simulate(400, 0.7, 0.0))
+    assert ok and "disagree" not in reason and reason.count("length-controlled") == 1
+    # Too few comparisons: the length-controlled figure is shown as not evidence, raw decides.
+    m, (ok, reason) = rule(*simulate(400, 0.5, 2.5), lc_min=1000)
+    assert ok and "is not evidence: 400 decisive comparisons < judge.lc_min_comparisons" in reason
+
+
+def test_all_ties_from_a_trusted_judge_make_no_champion(home):
+    """The audit's case end to end: a calibrated judge that ties every comparison, then the
+    register stage on a real MLflow store: no champion. A judge that sees the candidate win
+    everywhere then promotes the next version."""
+    from judge_stub import FakeJudge
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from instructflow import judge
+    from instructflow.config import JudgeConfig
+    from tasks.base_model import prepare_base_model, prepare_tokenizer
+    from tasks.register import register
+
+    items = [judge.Item(f"Name item {i}.", "", f"item {i} answer") for i in range(12)]
+    refs = [it.reference for it in items]
+    tok_ref = prepare_tokenizer(ModelConfig())
+    base = prepare_base_model(ModelConfig(), tok_ref)
+    train, _ = make_train(base, tok_ref, seed=3)
+    cfg = RegisterConfig(model_name=NAME)
+    with FakeJudge("oracle") as endpoint:
+        judge_cfg = JudgeConfig(backend="openai", base_url=endpoint.url, model="oracle")
+        # Neither answer is the reference: the oracle ties every pair, in both orders.
+        tied = judge.run_judge(judge_cfg, items, ["I think so."] * 12, ["Maybe."] * 12)
+        better = judge.run_judge(judge_cfg, items, refs, ["Maybe."] * 12)
+    assert tied.usable and (tied.metrics["ties"], tied.metrics["win_rate"]) == (12, 0.5)
+    assert tied.metrics["win_rate_low"] == 0.5  # what promoted it before: 0.5 >= 0.5
+
+    first = json.loads(
+        register(train, judged_report(tied), base, cfg).file("decision.json").read_text()
+    )
+    assert first["promoted"] is False and first["champion_before"] is None
+    assert any("a tie is not a win" in r for r in first["reasons"])
+    client = MlflowClient()
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias(NAME, "champion")
+
+    second = json.loads(
+        register(train, judged_report(better), base, cfg).file("decision.json").read_text()
+    )
+    assert second["promoted"] is True and second["version"] == 2, second["reasons"]
+    assert any("12 wins, 0 ties, 0 losses" in r for r in second["reasons"])
+    assert client.get_model_version_by_alias(NAME, "champion").version == 2
+
+
+def judged_report(res) -> ArtifactRef:
+    """An evaluate report holding a judge result, as tasks/evaluate.py writes its sections."""
+    judge = {
+        "usable": res.usable,
+        "status": res.status,
+        "length_note": res.length_note,
+        "pairwise_opponent": "base",
+    }
+
+    def write(tmp: Path):
+        (tmp / "report.json").write_text(json.dumps({"metrics": res.metrics, "judge": judge}))
+
+    return write_artifact("evaluate", write)

@@ -1,7 +1,8 @@
 """Benchmark suites (instructflow.suites) on builtin:tiny's architecture, randomly initialised
 (built in seconds, no pre-training): lm-eval's multiple-choice accuracy must equal the argmax
 accuracy of log-likelihoods computed here with plain torch, and the MT-Bench suite is graded by
-a scripted judge whose verdicts are known, so its per-category figures can be checked."""
+a scripted judge endpoint whose verdicts are known, so its per-turn and per-category figures and
+the rubric of every turn can be checked."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from judge_stub import JudgeEndpoint, read_prompt
 
 from instructflow import judge, suites
 from instructflow.builtin.model import build_model, build_tokenizer
+from instructflow.config import EvaluateConfig, JudgeConfig
 
 LM_EVAL_DATA = Path(__file__).parent / "data" / "lm_eval"
 
@@ -113,30 +116,42 @@ def test_lm_eval_sees_a_model_taught_the_answers(tok, tiny_mc):
 
 
 # -- MT-Bench -----------------------------------------------------------------------------
-# The scripted judge's score per question id (by its final turn); question 1 always fails.
-SCORES = {2: 3.0, 3: 2.0, 4: 6.0, 5: 4.0, 6: 8.0, 7: 5.0, 8: 7.0}
+# The scripted judge's score per (question id, turn); question 1 never gets a JSON verdict.
+SCORES = {(2, 1): 3.0, (2, 2): 4.0, (3, 1): 2.0, (4, 1): 6.0, (4, 2): 9.0, (5, 1): 4.0}
+SCORES |= {(6, 1): 8.0, (7, 1): 5.0, (8, 1): 7.0}
 
 
-class ScriptedJudge:
-    """Grades a response 10 when it contains the reference, else SCORES[question]; records
-    what it was asked."""
+class MTJudge(JudgeEndpoint):
+    """An OpenAI-compatible judge endpoint that knows which turn it is shown (by its user
+    message): an answer holding the turn's reference scores 10, any other SCORES[(question,
+    turn)]; question 1 is answered without JSON, so its verdicts fail."""
 
     def __init__(self, questions: list[dict]):
-        self.ids = {q["turns"][-1]: q["question_id"] for q in questions}
-        self.calls: list[tuple[judge.Item, str]] = []
+        self.turns = {
+            t: (q["question_id"], k + 1) for q in questions for k, t in enumerate(q["turns"])
+        }
+        super().__init__()
 
-    def single(self, items, responses):
-        out = []
-        for item, response in zip(items, responses, strict=True):
-            self.calls.append((item, response))
-            qid = self.ids[item.instruction]
-            if qid == 1:
-                out.append(judge.Verdict(failed=True, rationale="scripted failure"))
-            elif item.reference and item.reference in response:
-                out.append(judge.Verdict(10.0, "contains the reference"))
-            else:
-                out.append(judge.Verdict(SCORES[qid], "scripted"))
-        return out
+    def reply(self, messages: list[dict]) -> str:
+        parts = read_prompt(messages[1]["content"])
+        qid, turn = self.turns[parts["instruction"]]
+        if qid == 1:
+            return "Nice slogan!"
+        ref = parts["reference"]
+        score = 10 if ref and ref in parts["response"] else SCORES[(qid, turn)]
+        return json.dumps({"score": score, "rationale": "scripted"})
+
+
+@pytest.fixture
+def grader(home):
+    endpoint = MTJudge(suites.load_questions())
+    backend = judge.OpenAIBackend(
+        JudgeConfig(backend="openai", base_url=endpoint.url, model="mt-judge")
+    )
+    backend.endpoint = endpoint
+    yield backend
+    backend.close()
+    endpoint.close()
 
 
 def test_bundled_questions():
@@ -157,61 +172,98 @@ def test_bad_question_files(tmp_path):
 
 
 @pytest.mark.parametrize("template", ["alpaca", "chatml"])
-def test_mt_bench(tok, model, template, home):
+def test_mt_bench_grades_every_turn_with_the_right_rubric(tok, model, template, grader):
     import pandas as pd
 
     import mlflow
 
     questions = suites.load_questions()
-    grader = ScriptedJudge(questions)
     # Seeds 0 and 2: both random models answer every first turn with visible text under both
     # templates (seed 1 answers chatml prompts with whitespace only, which strips to "").
     models = {"base": (model, tok), "finetuned": (build_model(tok, seed=2), tok)}
     out = suites.mt_bench(models, template, questions, grader, max_new_tokens=12)
 
     table = out["table"]
-    assert len(table) == len(models) * len(questions) == len(grader.calls)
-    columns = {"model", "question_id", "category", "turns", "instruction", "input", "reference"}
-    columns |= {"prompt", "answer", "answers", "score", "failed", "rationale"}
+    n_turns = sum(len(q["turns"]) for q in questions)
+    assert n_turns == 10 and len(table) == len(models) * n_turns
+    columns = {"model", "question_id", "category", "turn", "turns", "instruction", "input"}
+    columns |= {"reference", "rubric", "prompt", "answer", "score", "failed", "rationale"}
     assert all(set(row) == columns for row in table)
+    # What the judge endpoint was really sent, by the turn it grades (question 1 twice: the
+    # unparsable reply is retried once).
+    sent = [r["body"]["messages"][1]["content"] for r in grader.endpoint.requests]
+    assert len(sent) == len(table) + len(models)
     for name in models:
-        rows = {r["question_id"]: r for r in table if r["model"] == name}
+        rows = {(r["question_id"], r["turn"]): r for r in table if r["model"] == name}
         expected: dict[str, list[float]] = {}
+        by_turn: dict[int, list[float]] = {}
         for q in questions:
-            row = rows[q["question_id"]]
-            assert len(row["answers"]) == row["turns"] == len(q["turns"])
-            assert row["answer"] == row["answers"][-1]
-            # The final turn's prompt is the conversation with the model's own earlier answers.
-            assert row["prompt"] == suites.turn_prompt(
-                q["turns"], row["answers"][:-1], template, tok
-            )
-            if q["question_id"] == 1:
-                assert row["failed"] and row["score"] is None
-                continue
-            ref = (q.get("reference") or [""])[-1]
-            score = 10.0 if ref and ref in row["answer"] else SCORES[q["question_id"]]
-            assert row["score"] == score and not row["failed"]
-            expected.setdefault(q["category"], []).append(score)
+            answers = [rows[(q["question_id"], k + 1)]["answer"] for k in range(len(q["turns"]))]
+            for k, turn in enumerate(q["turns"]):
+                row = rows[(q["question_id"], k + 1)]
+                assert row["turns"] == len(q["turns"]) and row["instruction"] == turn
+                # Each turn's prompt is the conversation with the model's own earlier answers.
+                assert row["prompt"] == suites.turn_prompt(
+                    q["turns"][: k + 1], answers[:k], template, tok
+                )
+                ref = (q.get("reference") or [""] * len(q["turns"]))[k]
+                assert row["reference"] == ref
+                prompts = [p for p in sent if f"### Instruction:\n{turn}\n" in p]
+                prompts = [
+                    p
+                    for p in prompts
+                    if f"### Response to grade:\n{answers[k].strip() or '(empty)'}" in p
+                ]
+                assert prompts, (name, q["question_id"], k)
+                if ref:
+                    assert row["rubric"] == "reference"
+                    assert all(f"### Reference answer:\n{ref}\n" in p for p in prompts)
+                else:  # MT-Bench's reference-free grading, not "judge against the reference"
+                    assert row["rubric"] == "no reference"
+                    assert all("There is no reference answer" in p for p in prompts)
+                    assert not any("Reference answer" in p for p in prompts)
+                if k:  # a later turn sees the earlier ones, answers included
+                    first = answers[0]
+                    assert first and first in row["prompt"]
+                    assert row["input"] == f"User: {q['turns'][0]}\nAssistant: {first}"
+                if q["question_id"] == 1:
+                    assert row["failed"] and row["score"] is None
+                    continue
+                key = (q["question_id"], k + 1)
+                score = 10.0 if ref and ref in row["answer"] else SCORES[key]
+                assert row["score"] == score and not row["failed"]
+                expected.setdefault(q["category"], []).append(score)
+                by_turn.setdefault(k + 1, []).append(score)
         figures = out["models"][name]
-        assert figures["failures"] == 1 and figures["judged"] == 7
+        assert figures["failures"] == 1 and figures["judged"] == n_turns - 1
         for category, scores in expected.items():
             assert figures["categories"][category] == pytest.approx(sum(scores) / len(scores))
+        for turn, scores in by_turn.items():
+            assert figures["turns"][turn] == pytest.approx(sum(scores) / len(scores))
+        assert set(figures["turns"]) == {1, 2}
         every = [s for scores in expected.values() for s in scores]
         assert figures["overall"] == pytest.approx(sum(every) / len(every))
-
-        for qid in (2, 4):  # two-turn questions: turn 2 sees turn 1 and its answer
-            q, row = next(q for q in questions if q["question_id"] == qid), rows[qid]
-            first = row["answers"][0]
-            assert first and first in row["prompt"]
-            assert q["turns"][0] in row["prompt"] and q["turns"][1] in row["prompt"]
-            assert row["instruction"] == q["turns"][1]
-            assert row["input"] == f"User: {q['turns'][0]}\nAssistant: {first}"
-            assert row["reference"] == (q.get("reference") or ["", ""])[1]
 
     with mlflow.start_run() as run:
         mlflow.log_table(data=pd.DataFrame(table), artifact_file="mt_bench.json")
     logged = mlflow.load_table("mt_bench.json", run_ids=[run.info.run_id])
     assert len(logged) == len(table)
+
+
+def test_the_suite_answers_with_evaluate_max_new_tokens(tok, model, grader):
+    """evaluate.max_new_tokens caps the suite's answers (they were capped at 64 whatever it
+    said): greedy answers at 2 new tokens are prefixes of those at 24, and shorter."""
+    answers = {}
+    for cap in (2, 24):
+        cfg = EvaluateConfig(mt_bench="builtin", max_new_tokens=cap)
+        out = suites.run_configured(model, tok, "alpaca", cfg, grader, "m")
+        assert {"mt_bench.overall", "mt_bench.turn1", "mt_bench.turn2"} <= set(out["metrics"])
+        rows = out["tables"]["mt_bench.json"]
+        answers[cap] = {(r["question_id"], r["turn"]): r["answer"] for r in rows}
+    short, long_ = answers[2], answers[24]
+    first_turns = [k for k in short if k[1] == 1]
+    assert all(long_[k].startswith(short[k]) for k in first_turns)
+    assert any(len(long_[k]) > len(short[k]) for k in first_turns)
 
 
 def test_turn_prompt_needs_a_turn_to_ask(tok):
