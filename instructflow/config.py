@@ -764,6 +764,40 @@ class PipelineConfig(Section):
         return out
 
 
+# A config is a few KB of sections a few levels deep; past these it is not a config (PyYAML
+# recurses once per level: a deeply nested document was a RecursionError, no file named).
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_DEPTH = 32
+
+
+class _TooDeep(Exception):
+    def __init__(self, line: int):
+        super().__init__(f"nested deeper than {MAX_CONFIG_DEPTH} levels (line {line + 1})")
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing nesting deeper than MAX_CONFIG_DEPTH."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.depth >= MAX_CONFIG_DEPTH:
+            raise _TooDeep(self.peek_event().start_mark.line)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key.path=value")
@@ -771,11 +805,15 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"--set {item!r}: empty key path")
+    if len(path) > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"--set {key[:60]}...: deeper than {MAX_CONFIG_DEPTH} keys")
     # YAML gives ints, floats, bools, null and lists the way users type them.
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except _TooDeep as exc:
+        raise ConfigError(f"--set {key}: the value is {exc}") from None
     return path, value
 
 
@@ -917,12 +955,17 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{origin}: config file not found")
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{origin}: {size} bytes; a config is at most {MAX_CONFIG_BYTES}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = _load_yaml(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
             raise ConfigError(f"{origin}: not valid YAML{where}") from None
+        except _TooDeep as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
         if loaded is None:
             raise ConfigError(
                 f"{origin}: the file is empty (or only comments); give at least one section, "

@@ -63,6 +63,7 @@ class PipelineRun:
         self.metrics: dict[str, float] = {}
         self.mlflow_run_id: str | None = None
         self.flow_run_id: str | None = None
+        self.owner: Path | None = None  # this run's owner record (instructflow.runs)
         self.stopped = False
         self.current: str | None = None  # the stage or helper running now
         self.live_logged: set[str] = set()  # stages whose step metrics reached MLflow live
@@ -71,10 +72,28 @@ class PipelineRun:
     def __enter__(self) -> PipelineRun:
         from prefect.runtime import flow_run
 
-        import mlflow
-
         self.flow_run_id = flow_run.get_id()
         tcfg = self.cfg.tracking
+        uri = tracking.tracking_uri(tcfg.tracking_uri)
+        # First the owner record: a kill from here on (creating the stores takes seconds on a
+        # new workspace) leaves a flow run that the next run finds and closes.
+        self.owner = runs.record_start(None, self.flow_run_id, uri)
+        try:
+            return self._start(uri)
+        except BaseException:
+            # Failed, not killed: Prefect records the flow's end. An MLflow run already
+            # started keeps the record: the next run closes it.
+            if self.mlflow_run_id is None:
+                runs.record_end(self.owner)
+            raise
+
+    def _start(self, uri: str) -> PipelineRun:
+        from prefect.runtime import flow_run
+
+        import mlflow
+
+        tcfg = self.cfg.tracking
+        workspace.ensure_mlflow_store(uri)
         exp_id = tracking.setup(tcfg.tracking_uri, tcfg.experiment, tcfg.on_unreachable)
         # Unpublished temp dirs of runs killed a day or more ago go; quarantined corrupt
         # artifacts stay for inspection (`instructflow gc --remove` deletes those).
@@ -98,7 +117,9 @@ class PipelineRun:
             else None,
         )
         self.mlflow_run_id = run.info.run_id
-        runs.record_start(self.mlflow_run_id, self.flow_run_id, mlflow.get_tracking_uri())
+        runs.record_start(
+            self.mlflow_run_id, self.flow_run_id, mlflow.get_tracking_uri(), path=self.owner
+        )
         client = mlflow.tracking.MlflowClient()
         tracking.log_params(client, self.mlflow_run_id, tracking.redact(self.cfg.flat()))
         tags = {
@@ -151,7 +172,7 @@ class PipelineRun:
             if exc_type is None:
                 raise
         else:
-            runs.record_end(self.mlflow_run_id)
+            runs.record_end(self.owner)
         progress.notify(
             "run_finished", failed=failed, interrupted=interrupted, metrics=dict(self.metrics)
         )

@@ -5,13 +5,18 @@ Without a server, each `instructflow run` started Prefect's ephemeral API in a s
 "Running" forever), and the Prefect UI had nothing to show. Instead the workspace keeps one
 `prefect server start` on 127.0.0.1 (its database under `<workspace>/prefect/`), detached from
 the terminal's process group so a Ctrl-C of a run reaches the run and not the server, which
-then records the run's final state. Runs find it through `<workspace>/prefect/server.json`.
+then records the run's final state. Runs find it through `<workspace>/prefect/server.json`,
+written as soon as the server is launched: a run killed while it comes up (it migrates its new
+database then) leaves it running, and the next run waits for it instead of starting a second
+server on the same database. A database with no flow run that its server cannot start on (cut
+short while being created) is put aside and made anew.
 `instructflow server status|start|stop` manages it. A `PREFECT_API_URL` already in the
 environment (your own server or Prefect Cloud) is used as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -94,8 +99,39 @@ def ensure(home: Path | None = None) -> str:
         url = running_url(home)
         if url:
             return url
+        info = state(home)
+        if info and info.get("starting") and time.time() - info["started"] < START_TIMEOUT_S:
+            # Its starter was killed while it came up (a run killed in its first seconds): a
+            # second server would migrate the same new database at the same time.
+            return _wait(home, info)
         stop(home)  # a recorded process that no longer answers
+        try:
+            return _start(home)
+        except ServerError:
+            if not _fresh_database(folder / "prefect.db"):
+                raise
+        # A database with no flow run yet, that its server cannot start on (cut short while
+        # being created): kept aside, and the server starts on a new one.
+        broken = folder / "prefect.db"
+        broken.rename(folder / f"prefect.db.broken-{int(time.time())}")
         return _start(home)
+
+
+def _fresh_database(db: Path) -> bool:
+    """Is `db` a Prefect database that holds no flow run (or none at all)?"""
+    import sqlite3
+
+    if not db.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            return (
+                "flow_run" not in tables
+                or not conn.execute("SELECT count(*) FROM flow_run").fetchone()[0]
+            )
+    except sqlite3.DatabaseError:
+        return False
 
 
 def _start(home: Path) -> str:
@@ -123,24 +159,37 @@ def _start(home: Path) -> str:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # not in the terminal's process group: Ctrl-C spares it
         )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
+    # Recorded at once, so a run killed while this one comes up does not start a second.
+    info = {"pid": proc.pid, "url": url, "port": port, "log": str(log), "started": time.time()}
+    _record(folder, {**info, "starting": True})
+    return _wait(home, info, proc)
+
+
+def _record(folder: Path, info: dict[str, Any]) -> None:
+    tmp = folder / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def _wait(home: Path, info: dict[str, Any], proc: subprocess.Popen | None = None) -> str:
+    """The URL once the server of `info` answers; ServerError if it exits or takes too long."""
+    folder, log = _dir(home), Path(info["log"])
+    deadline = info["started"] + START_TIMEOUT_S
+    while time.time() < deadline:
+        exited = proc.poll() is not None if proc else not _alive(int(info["pid"]))
+        if exited:
             tail = log.read_text(errors="replace")[-4000:].lower()
             cause = next(
                 (h for h in ("malformed", "not a database", "disk is full") if h in tail), ""
             )
             detail = f": database {cause}" if cause else ""
-            raise ServerError(
-                f"the Prefect server exited at start ({proc.returncode}{detail}); see {log}"
-            )
-        if _healthy(url, timeout=1.0):
-            info = {"pid": proc.pid, "url": url, "port": port, "log": str(log)}
-            info["started"] = time.time()
-            (folder / STATE_FILE).write_text(json.dumps(info))
-            return url
+            code = f"{proc.returncode}" if proc else "exited"
+            raise ServerError(f"the Prefect server exited at start ({code}{detail}); see {log}")
+        if _healthy(info["url"], timeout=1.0):
+            _record(folder, {k: v for k, v in info.items() if k != "starting"})
+            return info["url"]
         time.sleep(0.3)
-    _kill(proc.pid)
+    _kill(int(info["pid"]))
     raise ServerError(
         f"the Prefect server did not answer within {START_TIMEOUT_S:.0f} s; see {log}"
     )

@@ -1,14 +1,15 @@
 """Runs whose process died without recording an end: found and closed, never left "Running".
 
-Each pipeline run writes an owner record (`<workspace>/runs/<mlflow run id>.json`: host, pid,
-the process's start time, its MLflow and Prefect run ids) when it starts and removes it when
-it ends, however it ends, short of being killed. A record whose process is gone (kill -9, a
-machine crash, a full disk that stopped the final writes) is a stale run: `reconcile` marks
-its MLflow run FAILED with the tag `instructflow.end_reason` = "process killed (no exit
-recorded)", sets its Prefect flow run and any of its task runs still pending or running to
-Crashed with that message, and drops the record. Every run start reconciles the workspace;
-`instructflow runs --reconcile` does it on demand. A record whose stores cannot be reached now
-stays for the next attempt.
+Each pipeline run writes an owner record (`<workspace>/runs/<id>.json`: host, pid, the
+process's start time, its Prefect flow run id and, once it has one, its MLflow run id) as the
+first thing its flow does, before the stores are touched, and removes it when it ends, however
+it ends, short of being killed. A record whose process is gone (kill -9, a machine crash, a
+full disk that stopped the final writes) is a stale run: `reconcile` marks its MLflow run
+FAILED with the tag `instructflow.end_reason` = "process killed (no exit recorded)", sets
+its Prefect flow run and any of its task runs still pending or running to Crashed with that
+message, and drops the record. Every run start reconciles the workspace; `instructflow runs
+--reconcile` does it on demand. A record whose stores cannot be reached now stays for the next
+attempt.
 """
 
 from __future__ import annotations
@@ -58,11 +59,18 @@ class Owner:
         return started is not None and abs(started - float(r["process_start"])) < 1.0
 
 
-def record_start(mlflow_run_id: str, flow_run_id: str | None, tracking_uri: str) -> Path:
-    """Write this process's owner record for a starting run."""
+def record_start(
+    mlflow_run_id: str | None,
+    flow_run_id: str | None,
+    tracking_uri: str,
+    path: Path | None = None,
+) -> Path:
+    """Write this process's owner record for a starting run (or, given `path`, update it: a
+    pipeline run records its Prefect flow run first, then its MLflow run once it has one)."""
     folder = _dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{mlflow_run_id}.json"
+    name = mlflow_run_id or flow_run_id or f"pid-{os.getpid()}-{time.time_ns()}"
+    path = path or folder / f"{name}.json"
     record = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -78,9 +86,12 @@ def record_start(mlflow_run_id: str, flow_run_id: str | None, tracking_uri: str)
     return path
 
 
-def record_end(mlflow_run_id: str | None) -> None:
-    if mlflow_run_id:
-        (_dir() / f"{mlflow_run_id}.json").unlink(missing_ok=True)
+def record_end(run: str | Path | None) -> None:
+    """Drop the owner record of a run that ended: its path, or its MLflow run id."""
+    if isinstance(run, Path):
+        run.unlink(missing_ok=True)
+    elif run:
+        (_dir() / f"{run}.json").unlink(missing_ok=True)
 
 
 def owners() -> list[Owner]:
@@ -102,9 +113,11 @@ def reconcile() -> list[dict[str, Any]]:
     done = []
     for owner in stale():
         r = owner.record
-        result = {"mlflow_run_id": r["mlflow_run_id"], "flow_run_id": r.get("flow_run_id")}
+        # Killed before its MLflow run started: the Prefect flow run alone is left open.
+        shown = r.get("mlflow_run_id") or f"(flow run {r.get('flow_run_id')})"
+        result = {"mlflow_run_id": shown, "flow_run_id": r.get("flow_run_id")}
         try:
-            result["mlflow"] = _close_mlflow(r)
+            result["mlflow"] = _close_mlflow(r) if r.get("mlflow_run_id") else "not started"
             result["prefect"] = _close_prefect(r)
         except Exception as exc:  # a store that is down or broken now: try again next time
             result["error"] = f"{type(exc).__name__}: {exc}"

@@ -3,60 +3,46 @@
 Routes: POST /v1/chat/completions, GET /v1/models, GET /health. Messages are rendered with
 the model's training template (instructflow.templates) and answered by the generation code
 the evaluate stage uses: concurrent greedy requests with the same settings share one
-continuously batched decode loop, later arrivals joining as rows finish (Batcher). Bounded: a
-full queue answers 429, an over-large body or prompt 413, each with a JSON error; one access
-line per request. `stream: true` is answered in the SSE format token by token as the batch
-generates (TextStream: only text the final answer surely starts with is sent, so the deltas
-add up to exactly the non-streamed answer). There is no auth, so the default bind is
-127.0.0.1.
+continuously batched decode loop, later arrivals joining as rows finish (Batcher). Every
+request is untrusted and alone: its fields are checked (chat_request: 400 naming the field),
+its text that spells a special token is encoded as text (special_text), its prompt must fit
+the model's context (400 saying the limit) and its completion the context left; a row that
+breaks a shared batch fails only its own request. Bounded: a full queue answers 429, a body
+over the limit 413 (chunked ones too, read no further), open connections are capped
+(serve_net), and SIGTERM drains the requests in progress for at most --drain-seconds, then
+exits. `stream: true` is answered in the SSE format token by token as the batch generates
+(TextStream: only text the final answer surely starts with is sent, so the deltas add up to
+exactly the non-streamed answer). One access line per request. There is no auth, so the
+default bind is 127.0.0.1.
 """
 
 import asyncio
-import collections
-import json
 import logging
+import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, NamedTuple
+from typing import Any
 
-from instructflow import generation, streaming, templates
+from instructflow import chat_request, generation, serve_net, streaming, templates
+from instructflow.batcher import Batcher, QueueFull, ShuttingDown, Sink
+from instructflow.chat_request import PromptTooLong, RequestError
+from instructflow.special_text import SpecialText
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("instructflow.serve.access")
+__all__ = ["ChatModel", "PromptTooLong", "RequestError", "create_app", "serve"]
 
 
-class RequestError(ValueError):
-    pass
-
-
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise RequestError("'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{i}]: role must be system, user or assistant")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{i}]: content must be a string")
-        out.append({"role": m["role"], "content": content})
-    if out[-1]["role"] == "assistant":
-        raise RequestError("the last message must not be from the assistant")
-    return out
-
-
-def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise RequestError(f"'{name}' must be a number in [{lo}, {hi}]")
-    return value
+def model_context(model) -> int | None:
+    """How many positions the model takes (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 class ChatModel:
@@ -67,39 +53,39 @@ class ChatModel:
         self.model_id, self.max_tokens = model_id, max_tokens
         self.lock = threading.Lock()
         self.max_prompt_tokens: int | None = None
+        self.context = model_context(model)
+        self.special = SpecialText.of(tokenizer)
 
-    def prepare(self, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """(prompt, generation settings) of a request; RequestError when it is malformed,
-        PromptTooLong above max_prompt_tokens."""
-        msgs = _messages(body)
-        row = {"messages": [*msgs, {"role": "assistant", "content": ""}]}
+    def prompt_limit(self) -> int | None:
+        """The most prompt tokens taken: --max-prompt-tokens, and room for one new token."""
+        limits = [n for n in (self.max_prompt_tokens, self.context and self.context - 1) if n]
+        return min(limits) if limits else None
+
+    def prepare(self, body: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+        """(prompt token ids, generation settings) of a request; RequestError when it is
+        malformed, PromptTooLong when its prompt is over prompt_limit()."""
+        msgs = chat_request.messages(body)
+        opts = chat_request.options(body)
+        row = self.special.shield({"messages": [*msgs, {"role": "assistant", "content": ""}]})
         prompt = templates.generation_prompt(row, self.template, self.tok)
-        if self.max_prompt_tokens is not None:
-            n = len(self.tok(prompt, add_special_tokens=False).input_ids)
-            if n > self.max_prompt_tokens:
-                raise PromptTooLong(
-                    f"the prompt has {n} tokens; this server takes at most "
-                    f"{self.max_prompt_tokens} (--max-prompt-tokens)"
-                )
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        # Above the server's cap is clamped, not refused: clients often ask for more.
-        max_new = min(
-            int(_number({"max_tokens": limit}, "max_tokens", 1e9, 1, 1e9)), self.max_tokens
-        )
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise RequestError("'stop' must be a string or a list of strings")
-        temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
+        ids = self.special.encode(prompt, templates.add_special_tokens(self.template))
+        limit = self.prompt_limit()
+        if limit is not None and len(ids) > limit:
+            context = f"; the model's context is {self.context}" if self.context else ""
+            raise PromptTooLong(
+                f"the prompt has {len(ids)} tokens; this server takes at most {limit}"
+                f"{context} (--max-prompt-tokens)"
+            )
+        # Above the server's cap, or past the context, is clamped: clients often ask for more.
+        room = self.context - len(ids) if self.context else opts["max_tokens"]
         settings = {
-            "max_new_tokens": max_new,
-            "temperature": temperature,
-            "top_p": _number(body, "top_p", 1.0, 1e-6, 1.0),
-            # Greedy ignores the seed: leaving it out lets greedy requests share a batch.
-            "seed": int(_number(body, "seed", 0, 0, 2**63 - 1)) if temperature > 0 else 0,
-            "stop_strings": (*templates.stop_strings(self.template, self.tok), *stop),
+            "max_new_tokens": min(opts["max_tokens"], self.max_tokens, room),
+            "temperature": opts["temperature"],
+            "top_p": opts["top_p"],
+            "seed": opts["seed"],
+            "stop_strings": (*templates.stop_strings(self.template, self.tok), *opts["stop"]),
         }
-        return prompt, settings
+        return ids, settings
 
     def end_strings(self, settings: dict[str, Any]) -> list[str]:
         """Every string generate cuts a reply at (stop strings, end-of-turn and EOS text)."""
@@ -108,12 +94,12 @@ class ChatModel:
 
     def run(
         self,
-        prompts: list[str],
+        prompts: list[list[int]],
         settings: dict[str, Any],
         *,
         batch_size: int | None = None,
         on_token: generation.OnToken | None = None,
-        admit: Callable[[int], list[str]] | None = None,
+        admit: Callable[[int], list[list[int]]] | None = None,
         on_done: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> list[dict[str, Any]]:
         """generate's detailed outputs for prompts that share `settings`, in one decode loop
@@ -158,114 +144,6 @@ class ChatModel:
         }
 
 
-class PromptTooLong(RequestError):
-    pass
-
-
-class QueueFull(RuntimeError):
-    pass
-
-
-END = streaming.END
-Sink = Callable[[int | None], None]
-
-
-class Job(NamedTuple):
-    prompt: str
-    settings: dict[str, Any]
-    future: Future
-    sink: Sink | None  # hears each token id, then END
-
-
-class Batcher:
-    """Requests wait in a bounded FIFO; one worker thread answers them with the evaluate
-    stage's continuous-batching decoder. Greedy requests with the same settings share a decode
-    loop: those waiting when it starts, and those that arrive while it runs, which join as
-    rows finish (at most max_batch rows at once); each is answered as soon as its row ends,
-    and equals the answer to the same request sent alone (tested). A sampling request
-    (temperature > 0) is answered alone: its random stream must not depend on the batch.
-    Arrivals join a running loop only while the oldest waiting request has its settings, so a
-    request with other settings waits for the rows already running, not for later arrivals."""
-
-    def __init__(self, chat: ChatModel, max_batch: int = 16, max_queue: int = 64):
-        self.chat, self.max_batch, self.max_queue = chat, max_batch, max_queue
-        self.pending: collections.deque[Job] = collections.deque()
-        self.changed = threading.Condition()
-        threading.Thread(target=self._work, daemon=True, name="batcher").start()
-
-    def submit(self, prompt: str, settings: dict[str, Any], sink: Sink | None = None) -> Future:
-        """A Future of (reply, requests that shared its decode loop) for a prepared request
-        (ChatModel.prepare); QueueFull when max_queue requests are already waiting. `sink`, if
-        given, hears the reply's token ids as they are generated, then END once the future is
-        settled."""
-        job = Job(prompt, settings, Future(), sink)
-        with self.changed:
-            if len(self.pending) >= self.max_queue:
-                raise QueueFull(f"server busy: {len(self.pending)} requests queued (--max-queue)")
-            self.pending.append(job)
-            self.changed.notify()
-        return job.future
-
-    def _take(self, settings: dict[str, Any], room: int, skip_others: bool) -> list[Job]:
-        """Up to `room` waiting jobs with `settings`, oldest first; past jobs with other
-        settings (which keep their place) only if `skip_others`."""
-        taken: list[Job] = []
-        with self.changed:
-            for job in list(self.pending):
-                if len(taken) == room:
-                    break
-                if job.settings == settings:
-                    self.pending.remove(job)
-                    taken.append(job)
-                elif not skip_others:
-                    break
-        return taken
-
-    def _work(self) -> None:
-        while True:
-            with self.changed:
-                while not self.pending:
-                    self.changed.wait()
-                first = self.pending.popleft()
-            greedy = first.settings["temperature"] == 0
-            more = self._take(first.settings, self.max_batch - 1, True) if greedy else []
-            self._answer([first, *more], greedy)
-
-    def _answer(self, jobs: list[Job], greedy: bool) -> None:
-        settings = jobs[0].settings
-
-        def admit(room: int) -> list[str]:
-            arrived = self._take(settings, room, skip_others=False) if greedy else []
-            jobs.extend(arrived)
-            return [job.prompt for job in arrived]
-
-        def on_token(index: int, token: int) -> None:
-            if jobs[index].sink is not None:
-                jobs[index].sink(token)
-
-        def on_done(index: int, out: dict[str, Any]) -> None:
-            job = jobs[index]
-            job.future.set_result((self.chat.reply(out), len(jobs)))
-            if job.sink is not None:
-                job.sink(END)
-
-        try:
-            self.chat.run(
-                [job.prompt for job in jobs],
-                settings,
-                batch_size=self.max_batch,
-                on_token=on_token,
-                admit=admit,
-                on_done=on_done,
-            )
-        except Exception as exc:  # every client still waiting hears about it
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-                    if job.sink is not None:
-                        job.sink(END)
-
-
 def _loop_sink(queue: asyncio.Queue) -> Sink:
     """A sink that hands items from the batcher's thread to `queue`, on the running event
     loop."""
@@ -286,12 +164,22 @@ def create_app(chat: ChatModel, max_batch: int = 16, max_queue: int = 64,
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="instructflow serve", docs_url=None, redoc_url=None)
-    batcher = Batcher(chat, max_batch=max_batch, max_queue=max_queue)
-    access = logging.getLogger("instructflow.serve.access")
+    batcher = app.state.batcher = Batcher(chat, max_batch=max_batch, max_queue=max_queue)
+    too_big = f"request body above {max_request_bytes} bytes (--max-request-bytes)"
 
-    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-        body = {"error": {"message": message, "type": kind}}
-        return JSONResponse(body, status_code=status)
+    def error(status: int, message: str, kind: str = "invalid_request_error", **extra):
+        body = {"error": {"message": message, "type": kind, **extra}}
+        # A refused body may still be arriving: close rather than read it.
+        headers = {"connection": "close"} if status == 413 else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def failure(request: Request, exc: BaseException) -> JSONResponse:
+        """The answer to a request whose generation failed: 503 when shutting down, else
+        500 with its one-line reason (never a traceback)."""
+        if isinstance(exc, ShuttingDown):
+            return error(503, str(exc), "server_error")
+        request.state.log = f" error={type(exc).__name__}"
+        return error(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
 
     def access_line(request: Request, status: int, note: str) -> None:
         client = request.client.host if request.client else "-"
@@ -299,6 +187,20 @@ def create_app(chat: ChatModel, max_batch: int = 16, max_queue: int = 64,
             f'{client} "{request.method} {request.url.path}" {status} '
             f"{time.perf_counter() - request.state.t0:.3f}s{note}"
         )
+
+    async def read_body(request: Request) -> bytes | None:
+        """The body, or None past max_request_bytes (declared, or counted as it arrives: a
+        chunked body has no length to check first)."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_request_bytes:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_request_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     @app.middleware("http")
     async def access_log(request: Request, call_next):
@@ -320,29 +222,24 @@ def create_app(chat: ChatModel, max_batch: int = 16, max_queue: int = 64,
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_request_bytes:
-            return error(413, f"request body above {max_request_bytes} bytes (--max-request-bytes)")
-        raw = await request.body()
-        if len(raw) > max_request_bytes:
-            return error(413, f"request body above {max_request_bytes} bytes (--max-request-bytes)")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return error(400, "the request body is not valid JSON")
-        if not isinstance(body, dict):
-            return error(400, "the request body must be a JSON object")
-        streamed = bool(body.get("stream"))
+        raw = await read_body(request)
+        if raw is None:
+            return error(413, too_big)
         tokens: asyncio.Queue = asyncio.Queue()
         try:
-            prompt, settings = chat.prepare(body)
+            body = chat_request.parse_body(raw)
+            streamed = body.get("stream") is True
+            # Off the event loop: a long prompt's encoding must not stall other clients.
+            prompt, settings = await asyncio.get_running_loop().run_in_executor(
+                None, chat.prepare, body
+            )
             future = batcher.submit(prompt, settings, _loop_sink(tokens) if streamed else None)
-        except PromptTooLong as exc:
-            return error(413, str(exc))
         except RequestError as exc:
-            return error(400, str(exc))
+            return error(400, str(exc), **({"code": exc.code} if exc.code else {}))
         except QueueFull as exc:
             return error(429, str(exc), "rate_limit_error")
+        except Exception as exc:  # not the client's fault, and not worth a traceback
+            return failure(request, exc)
         if streamed:
             request.state.streaming = True
             text = streaming.TextStream(chat.tok, chat.end_strings(settings))
@@ -351,7 +248,10 @@ def create_app(chat: ChatModel, max_batch: int = 16, max_queue: int = 64,
             )
             return StreamingResponse(events, media_type="text/event-stream")
         # Generation runs on the batcher's thread: the event loop stays free (/health live).
-        reply, batch = await asyncio.wrap_future(future)
+        try:
+            reply, batch = await asyncio.wrap_future(future)
+        except Exception as exc:
+            return failure(request, exc)
         request.state.log = streaming.usage_note(reply, batch)
         return reply
 
@@ -366,16 +266,46 @@ def load_chat_model(spec: str, max_tokens: int = 512) -> ChatModel:
     return ChatModel(model, tok, template, model_id=spec, max_tokens=max_tokens)
 
 
-def serve(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000, **limits: int) -> None:
+def serve(
+    chat: ChatModel,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_connections: int = 1000,
+    drain_s: float = 10.0,
+    **limits: int,
+) -> None:
     """`limits`: max_batch, max_queue, max_request_bytes (create_app). One access line per
-    request goes to stderr."""
+    request goes to stderr; SIGTERM drains for at most `drain_s`, then returns."""
     import uvicorn
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    access = logging.getLogger("instructflow.serve.access")
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     access.propagate = False
+    cap = serve_net.connection_cap(max_connections)
+    if cap < max_connections:
+        access.warning(f"--max-connections {max_connections} lowered to {cap}: the fd limit")
     app = create_app(chat, **limits)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        http=serve_net.capped_protocol(cap),
+        timeout_graceful_shutdown=max(1, round(drain_s)),
+    )
+    serve_net.one_line_logs("uvicorn.error", "asyncio")  # after Config: it sets up logging
+    # uvicorn raises SIGTERM again once it has shut down: by then there is nothing left to do.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            busy = len(self.server_state.tasks)
+            access.info(f"shutting down: {busy} requests in progress, {drain_s:g} s to finish")
+            # Those left a second early fail with 503, written before uvicorn cancels them.
+            asyncio.get_running_loop().call_later(max(0.0, drain_s - 1), app.state.batcher.stop)
+            await super().shutdown(sockets)
+
+    Server(config).run()

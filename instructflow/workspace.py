@@ -6,7 +6,9 @@ from the environment when first imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 from pathlib import Path
 
 # Not part of stage code digests (instructflow.codeid): it decides where files go, not what
@@ -75,3 +77,56 @@ def configure(path: str | os.PathLike[str] | None = None) -> Path:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return root
+
+
+def ensure_mlflow_store(uri: str) -> None:
+    """Make a sqlite MLflow store whole before MLflow opens it.
+
+    MLflow creates its tables by running its migrations on the store in place, which takes
+    seconds and is not transactional: a kill in between left a store every later run failed
+    on ("table _alembic_tmp_runs already exists"). So a new store is migrated under a
+    temporary name and renamed into place once complete, and a store short of MLflow's
+    schema is rebuilt when it holds no runs (one that holds runs, or cannot be read, is left
+    for MLflow to report). Under the lock tracking.setup takes for the same store."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if _store_state(db) == "complete":
+        return
+    from filelock import FileLock
+
+    with FileLock(f"{db}.lock", timeout=300):
+        if _store_state(db) not in ("missing", "half-made"):
+            return
+        for stale in db.parent.glob(f".{db.name}.tmp-*"):  # a killed build's
+            stale.unlink(missing_ok=True)
+        tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}")
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", mlflow_artifact_root().as_uri())
+        store.engine.dispose()
+        for suffix in ("-journal", "-wal", "-shm"):  # the old store's, not the new one's
+            db.with_name(db.name + suffix).unlink(missing_ok=True)
+        os.replace(tmp, db)
+
+
+def _store_state(db: Path) -> str:
+    """complete | missing | half-made (no runs) | has runs (not complete) | unreadable."""
+    if not db.is_file():
+        return "missing"
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        # Read-write: SQLite rolls back a journal a killed write left, as MLflow would.
+        with contextlib.closing(sqlite3.connect(db, timeout=60)) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            version = None
+            if "alembic_version" in tables:
+                version = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            half = any(t.startswith("_alembic_tmp_") for t in tables)
+            if version and version[0] == _get_latest_schema_revision() and not half:
+                return "complete"
+            held = "runs" in tables and conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    except sqlite3.DatabaseError:
+        return "unreadable"
+    return "has runs" if held else "half-made"

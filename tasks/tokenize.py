@@ -38,6 +38,7 @@ from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import RayConfig, TokenizeConfig
 from instructflow.rows import iter_batches
+from instructflow.special_text import SpecialText
 from tasks.split import SPLITS
 
 IGNORE = templates.IGNORE_INDEX
@@ -259,14 +260,20 @@ def encode_rows(
 ) -> tuple[Any, dict[str, Any]]:
     """Rows -> (pyarrow table of input_ids/labels/length, counts incl. the method used)."""
     backend = backend or fast_backend(tokenizer)
-    segs = []
+    # A row's own text that spells a special token is encoded as text (special_text).
+    special = SpecialText.of(tokenizer)
+    segs, shielded = [], False
     for row in rows:
+        safe = special.shield(row)
+        shielded |= safe is not row
         try:
-            segs.append(templates.segments(row, cfg.template, tokenizer))
+            segs.append(templates.segments(safe, cfg.template, tokenizer))
         except (KeyError, TypeError, templates.TemplateError) as exc:
             raise templates.TemplateError(f"row {row.get('id')}: {exc}") from None
     prefix, suffix = special_affixes(tokenizer, cfg.template)
     fast = fast_bpe.for_backend(backend) if cfg.engine == "auto" else None
+    if shielded:  # tiktoken cannot read sentinels
+        backend, fast = special.backend(backend), None
     enc = encode_segments(backend, segs, prefix, suffix, fast)
     method = "segments"
     if not segments_match(backend, segs, enc, len(prefix)):

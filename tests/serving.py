@@ -25,6 +25,15 @@ def free_port() -> int:
 def serving(home: Path, model: str, *args: str, log: Path | None = None) -> Iterator[str]:
     """Start `instructflow serve --model MODEL ARGS` on a free port, wait for /health, yield
     its base URL (http://127.0.0.1:PORT), stop it afterwards. Output goes to `log` if given."""
+    with serve_process(home, model, *args, log=log) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serve_process(
+    home: Path, model: str, *args: str, log: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """serving(), yielding (base URL, the server's process) for tests that signal it."""
     port = free_port()
     out = open(log, "w+") if log else None  # noqa: SIM115 (closed below)
     cmd = [sys.executable, "-m", "instructflow.cli", "serve", "--model", model]
@@ -48,12 +57,13 @@ def serving(home: Path, model: str, *args: str, log: Path | None = None) -> Iter
                 tail = log.read_text() if log else proc.stdout.read()
                 pytest.fail(f"serve did not come up: {tail[-2000:]}")
             time.sleep(0.3)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         if out:
             out.close()

@@ -224,3 +224,49 @@ def test_flow_runs_validate_caches_it_and_fails_in_one_line(home, tmp_path):
         run_finetune(None, [f"data.source={BAD / 'unknown_format.jsonl'}"], until="validate")
     assert err.value.reason.startswith("unknown_format.jsonl: unknown format (fields seen:")
     assert "\n" not in str(err.value)
+
+
+def _unusable_source(kind: str, tmp_path: Path) -> str:
+    if kind == "folder without data":
+        (tmp_path / "folder").mkdir()
+        (tmp_path / "folder" / "notes.txt").write_text("not data")
+        return str(tmp_path / "folder")
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "pipe.json")  # reading it would block forever
+        return str(tmp_path / "pipe.json")
+    if kind == "closed port":
+        import socket
+
+        with socket.socket() as s:  # a port nobody listens on once this closes
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return f"http://127.0.0.1:{port}/data.json"
+    return "/dev/zero"
+
+
+UNUSABLE = {
+    "folder without data": "folder holds no .json/.jsonl/.csv/.parquet files",
+    "device": "not a regular file or folder (a device, FIFO or socket)",
+    "fifo": "not a regular file or folder (a device, FIFO or socket)",
+    "closed port": "cannot connect to 127.0.0.1 (Connection refused)",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(UNUSABLE))
+def test_an_unusable_source_is_refused_at_once_before_anything_is_written(tmp_path, kind):
+    from instructflow.sources import SourceError, source_kind
+
+    source = _unusable_source(kind, tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(SourceError, match=re.escape(UNUSABLE[kind])):
+        source_kind(source)
+    assert time.monotonic() - t0 < 1
+    home = tmp_path / "home"
+    t0 = time.monotonic()
+    proc = _cli(home, Path(source) if "://" not in source else source)
+    assert time.monotonic() - t0 < 20  # a process start; the check itself is instant
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {source}: {UNUSABLE[kind]}"], proc.stderr[-2000:]
+    assert not [p for p in home.rglob("*") if p.is_file()]

@@ -131,3 +131,28 @@ def test_an_override_may_repair_the_file(tmp_path):
     cfg = tmp_path / "x.yaml"
     cfg.write_text("tokenize: {max_length: -3}\n")
     assert load_config(cfg, ["tokenize.max_length=64"]).tokenize.max_length == 64
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("data:\n  source: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested deeper than 32"),
+        ("".join(f"{'  ' * i}k{i}:\n" for i in range(200)) + "  " * 200 + "x: 1\n", "(line 32)"),
+        ("validate: {field_mapping: {a: " + "{b: " * 500 + "1" + "}" * 501 + "}\n", "deeper"),
+        ("# padding\n" * 150_000 + "split: {seed: 1}\n", "bytes; a config is at most 1000000"),
+    ],
+    ids=["deep-flow", "deep-block", "deep-mapping", "too-big"],
+)
+def test_deep_or_huge_yaml_is_one_line_naming_the_file(tmp_path, text, expected):
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text(text)
+    msg = _error(cfg, [])
+    assert msg.startswith(f"{cfg}: ") and expected in msg and "\n" not in msg, msg[:300]
+    assert len(msg) < 300
+
+
+def test_deep_override_value_or_key_path_is_one_line():
+    msg = _error(None, ["data.source=" + "[" * 50_000 + "]" * 50_000])
+    assert msg.startswith("--set data.source: the value is nested deeper than 32"), msg[:200]
+    msg = _error(None, [".".join(["a"] * 10_000) + "=1"])
+    assert msg.startswith("--set a.a.") and "deeper than 32 keys" in msg and len(msg) < 200

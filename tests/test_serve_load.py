@@ -1,8 +1,8 @@
 """`instructflow serve` under concurrency, as a real subprocess on 127.0.0.1 with the built-in
 model: concurrent greedy requests are batched and each answer equals its one-at-a-time answer;
 streamed answers arrive in pieces that add up to the same answer, batched with plain ones; a
-full queue answers 429, an over-large body or prompt 413 (JSON errors); one access line per
-request."""
+full queue answers 429, an over-large body 413 and an over-long prompt 400 (JSON errors); one
+access line per request."""
 
 from __future__ import annotations
 
@@ -126,13 +126,14 @@ def test_concurrent_requests_are_batched_and_answer_as_if_alone(server):
     assert batches[: len(PROMPTS)] == [1] * len(PROMPTS) and max(batches) > 1
 
 
-def test_limits_answer_429_and_413_with_json_errors(server):
+def test_limits_answer_429_413_and_400_with_json_errors(server):
     url, log = server
     big = _ask(url, "x" * 5000)
     assert big.status_code == 413 and "max-request-bytes" in big.json()["error"]["message"]
     long_prompt = _ask(url, " ".join(["word"] * 400))
-    assert long_prompt.status_code == 413
+    assert long_prompt.status_code == 400
     assert "at most 200" in long_prompt.json()["error"]["message"]
+    assert long_prompt.json()["error"]["code"] == "context_length_exceeded"
     # 40 at once against a queue of 8 (and one batch of 8 running): some must wait their turn.
     with ThreadPoolExecutor(40) as pool:
         burst = list(pool.map(lambda i: _ask(url, PROMPTS[i % 8], max_tokens=12), range(40)))
