@@ -64,6 +64,9 @@ def text_metrics(hyps: list[str], refs: list[str]) -> tuple[dict[str, float], di
     metrics["exact_match_normalized"] = sum(
         normalize_answer(h) == normalize_answer(r) for h, r in pairs
     ) / len(refs)
+    # How long the answers run (whitespace words): a base that rambles scores low on ROUGE
+    # and BLEU for its length alone, so the length is shown beside them.
+    metrics["answer_words"] = sum(len(h.split()) for h in hyps) / len(hyps)
     return metrics, {"bleu": per_bleu, "rougeL": [s["rougeL"].fmeasure for s in rouge]}
 
 

@@ -50,6 +50,12 @@ def tables(report: dict[str, Any]) -> list[Any]:
         head.add_column("base", justify="right")
     head.add_column("fine-tuned", justify="right")
     rows = list(HEADLINE)
+    if "bleu" in metrics and not report.get("bleu_note"):  # BLEU on one-word answers is noise
+        rows.append(("bleu", "BLEU", "{:.1f}"))
+    if "answer_words" in metrics:
+        ref_words = metrics.get("reference_words")
+        of_refs = f" (references {ref_words:.1f})" if ref_words is not None else ""
+        rows.append(("answer_words", f"answer length, words{of_refs}", "{:.1f}"))
     if "bertscore_f1" in metrics:
         rows.append(("bertscore_f1", "BERTScore F1", "{:.3f}"))
     for key in sorted(k for k in metrics if k.startswith("lm_eval.") and k.endswith(".acc")):

@@ -221,6 +221,7 @@ def evaluate(
 
     auto, per = text_metrics(ft_out, refs)
     metrics.update(auto)
+    metrics["reference_words"] = sum(len(r.split()) for r in refs) / max(len(refs), 1)
     metrics["generation_tokens_per_s"] = speed["fine-tuned"]
     if "base" in speed:
         metrics["generation_tokens_per_s_base"] = speed["base"]

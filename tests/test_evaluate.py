@@ -181,6 +181,7 @@ def test_text_metrics_use_the_libraries():
     # ignores case, punctuation and articles.
     assert metrics["exact_match"] == 0.0 and metrics["exact_match_normalized"] == 1.0
     assert 0 < metrics["rougeL"] < 1 and per["rougeL"][1] == 1.0  # lowercased by rouge-score
+    assert metrics["answer_words"] == (6 + 1) / 2
     # Copying the lower-case input is no answer to an upper-case task.
     copied, _ = text_metrics(["falcon tiger", " FALCON\n TIGER "], ["FALCON TIGER"] * 2)
     assert copied["exact_match"] == 0.5
@@ -328,3 +329,24 @@ def test_prompts_admitted_mid_loop_join_the_batch_and_equal_alone(tiny):
     assert got == alone  # numbered on after the first three, in arrival order
     assert sorted(finished) == list(range(9)) and len(asked) > 4
     assert finished.index(0) < finished.index(8)  # answered when done, not at the end
+
+
+def test_console_shows_bleu_only_where_it_measures_and_the_answer_lengths():
+    from rich.console import Console
+
+    from instructflow import report
+
+    metrics = {"test_examples": 2, "exact_match": 0.5, "exact_match_base": 0.0}
+    metrics |= {"bleu": 28.65, "bleu_base": 8.66, "rougeL": 0.557, "rougeL_base": 0.413}
+    metrics |= {"answer_words": 10.4, "answer_words_base": 22.6, "reference_words": 8.4}
+
+    def shown(rep):
+        console = Console(record=True, width=200)
+        for renderable in report.tables(rep):
+            console.print(renderable)
+        return " ".join(console.export_text().split())
+
+    text = shown({"metrics": metrics, "bleu_note": None})
+    assert "BLEU │ 8.7 │ 28.6" in text or "BLEU │ 8.7 │ 28.7" in text
+    assert "answer length, words (references 8.4) │ 22.6 │ 10.4" in text
+    assert "BLEU" not in shown({"metrics": metrics, "bleu_note": "no signal: ..."})
