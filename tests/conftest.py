@@ -53,6 +53,15 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     prefect_server.stop(_session_home)
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, which every later
+    subprocess (a pipeline run, `serve`) would inherit: restored after each test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if not os.environ["MLFLOW_TRACKING_URI"]:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh INSTRUCTFLOW_HOME for one test."""

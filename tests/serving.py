@@ -37,9 +37,11 @@ def serve_process(
     port = free_port()
     out = open(log, "w+") if log else None  # noqa: SIM115 (closed below)
     cmd = [sys.executable, "-m", "instructflow.cli", "serve", "--model", model]
+    env = {**os.environ, "INSTRUCTFLOW_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the home's own store
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), *args],
-        env={**os.environ, "INSTRUCTFLOW_HOME": str(home)},
+        env=env,
         stdout=out or subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -101,23 +101,38 @@ def test_a_kill_while_the_mlflow_store_is_made_leaves_the_workspace_usable(tmp_p
     )
 
 
+def _half_made_mlflow_store(folder: Path) -> str:
+    """A sqlite MLflow store killed mid-migration, as before the fix, that MLflow then fails
+    on. Where the kill lands depends on the machine's speed: earlier and later kills are
+    tried (each on a fresh store) until one leaves the store broken."""
+    use = "from mlflow.tracking import MlflowClient; MlflowClient('{}').search_experiments()"
+    for attempt, after_s in enumerate((0.3, 0.8, 1.5, 0.1, 2.5, 0.5, 4.0, 0.2)):
+        db = folder / f"try{attempt}" / "mlflow.db"
+        db.parent.mkdir()
+        uri = f"sqlite:///{db}"
+        make = (
+            "from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as S;"
+            f"S('{uri}', '{db.parent.as_uri()}')"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", make], start_new_session=True)
+        try:
+            _kill_when(proc, db.exists, after_s)
+        except (AssertionError, ProcessLookupError):  # the store was done before the kill
+            continue
+        # What every later run met (in another process: MLflow keeps its engines per URI).
+        cmd = [sys.executable, "-c", use.format(uri)]
+        broken = subprocess.run(cmd, capture_output=True, text=True)
+        if broken.returncode != 0 and "OperationalError" in broken.stderr:
+            return uri
+    raise AssertionError("no kill point left the MLflow store half-made")
+
+
 def test_a_store_mlflow_left_half_made_is_rebuilt(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from instructflow import workspace
 
-    db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    make = (
-        "from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as S;"
-        f"S('{uri}', '{tmp_path.as_uri()}')"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", make], start_new_session=True)
-    _kill_when(proc, db.exists, 0.3)  # MLflow migrating its store in place, as before the fix
-    # What every later run met (in another process: MLflow keeps its engines per URI).
-    use = f"from mlflow.tracking import MlflowClient; MlflowClient('{uri}').search_experiments()"
-    broken = subprocess.run([sys.executable, "-c", use], capture_output=True, text=True)
-    assert broken.returncode != 0 and "OperationalError" in broken.stderr
+    uri = _half_made_mlflow_store(tmp_path)
     workspace.ensure_mlflow_store(uri)
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("after"))
