@@ -5,7 +5,8 @@ here is exactly: the stage name, the digest of the stage's code (its module and 
 module it imports, transitively: instructflow.codeid), the digests of its input artifacts
 (not their paths), and the JSON of the config sections it receives. Before Prefect is allowed
 to hit, the cached artifact is re-hashed: a corrupted or half-written one has its cache record
-removed, so the stage recomputes.
+removed and is quarantined (`.corrupt-*`, whatever digest the recompute then gives), so the
+stage recomputes.
 """
 
 from __future__ import annotations
@@ -100,6 +101,21 @@ def _cached_ref(store: Any, key: str) -> ArtifactRef | None | bool:
     return value if isinstance(value, ArtifactRef) else None
 
 
+def _quarantine_published(ref: ArtifactRef) -> None:
+    """Move a corrupt published artifact aside now: a recompute that gives another digest
+    (training's figures hold timings) would otherwise leave it published where other readers
+    (serve, a registry copy, `ls artifacts/`) take it for good."""
+    from instructflow.artifacts import quarantine
+
+    path = ref.dir
+    if path.name != ref.digest or not path.is_dir():
+        return  # not a published artifact dir (or already gone)
+    try:
+        quarantine(path)
+    except OSError:  # moved by a concurrent run meanwhile: it is aside either way
+        pass
+
+
 def _make_policy_class():
     from prefect.cache_policies import CachePolicy
 
@@ -134,6 +150,8 @@ def _make_policy_class():
                 if record is not None:
                     record.unlink(missing_ok=True)
                     store.cache.pop(str(record), None)
+                if isinstance(cached, ArtifactRef):
+                    _quarantine_published(cached)
             return key
 
     return StageCachePolicy

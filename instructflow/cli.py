@@ -142,9 +142,29 @@ class RunView:
             self.live = None
 
 
-def use_workspace_prefect_server(console) -> bool:
-    """Point this process (and its children) at the workspace's Prefect server, started once;
-    False (after one error line) when it cannot start."""
+def key_env_names(cfg) -> tuple[str, ...]:
+    """The environment variables a config names as holding keys (judge.api_key_env,
+    synthesize.api_key_env, ...): a server this run starts must not inherit them."""
+    from pydantic import BaseModel
+
+    found: list[str] = []
+
+    def walk(model: BaseModel) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value)
+            elif name.endswith("api_key_env") and isinstance(value, str) and value:
+                found.append(value)
+
+    walk(cfg)
+    return tuple(found)
+
+
+def use_workspace_prefect_server(console, hide: tuple[str, ...] = ()) -> bool:
+    """Point this process (and its children) at the workspace's Prefect server, started once
+    (without the secrets of the environment, nor the variables named in `hide`); False (after
+    one error line) when it cannot start."""
     if os.environ.get("PREFECT_API_URL") or os.environ.get("INSTRUCTFLOW_PREFECT_SERVER") == "0":
         # INSTRUCTFLOW_PREFECT_SERVER=0: Prefect's per-process ephemeral API instead.
         return True
@@ -154,7 +174,7 @@ def use_workspace_prefect_server(console) -> bool:
     if prefect_server.running_url() is None:
         console.print("starting the workspace's Prefect server (once; later runs reuse it)")
     try:
-        os.environ["PREFECT_API_URL"] = prefect_server.ensure()
+        os.environ["PREFECT_API_URL"] = prefect_server.ensure(hide=hide)
         # The workspace server speaks plain http on 127.0.0.1, so no certificate is ever
         # checked; skipping the CA bundle load saves ~0.2 s per Prefect client created.
         os.environ.setdefault("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "true")
@@ -196,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.stages import is_stage
     from instructflow import progress
 
-    if not use_workspace_prefect_server(console):
+    if not use_workspace_prefect_server(console, hide=key_env_names(cfg)):
         return 1
 
     names = tuple(s.name for s in cfg.data.sources)
@@ -210,22 +230,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         with view:
             run_finetune(config_path, args.set or [], args.until)
-    except KeyboardInterrupt as exc:
-        from instructflow.interrupts import Interrupted
-
-        running = next((n for n, r in view.rows.items() if r.get("state") == "Running"), None)
-        stop = exc if isinstance(exc, Interrupted) else Interrupted(running or "start-up")
-        error, code = stop.line(), 130
-        if running:
-            view.rows[running]["state"] = "Interrupted"
     except Exception as exc:  # one line for users; --debug shows the traceback
         if args.debug:
             raise
         from instructflow import errors
 
         error = errors.explain(exc) or _one_line(exc)
+    except BaseException as exc:  # Ctrl-C, SIGTERM (Prefect's TerminationSignal in a flow)
+        from instructflow.interrupts import Interrupted, is_interrupt
+
+        if not is_interrupt(exc):
+            raise
+        running = next((n for n, r in view.rows.items() if r.get("state") == "Running"), None)
+        stop = exc if isinstance(exc, Interrupted) else Interrupted(running or "start-up")
+        error, code = stop.line(), 130
+        if running:
+            view.rows[running]["state"] = "Interrupted"
     finally:
         progress.unsubscribe(view)
+    if error:
+        _drain_prefect_logs()
 
     stages, helpers = {}, {}
     for name in rows:
@@ -272,6 +296,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return code
     return 0
+
+
+def _drain_prefect_logs(timeout_s: float = 5.0) -> None:
+    """Send the flow run's queued log lines to the Prefect server now, before the error line:
+    at interpreter exit they would be sent after it (and any failure to send, e.g. the
+    server's database on a full disk, would print below the one line the user reads)."""
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=timeout_s)
+    except Exception:  # best effort: the lines are for the Prefect UI only
+        pass
 
 
 def _collect_metrics(run_id: str | None) -> dict[str, float]:
@@ -388,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
 
         warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
         warnings.filterwarnings("ignore", category=FutureWarning)
+        import logging
+
+        # A log handler that cannot write (a full disk, a Prefect server whose database is
+        # full) prints "--- Logging error ---" and a traceback per record; Prefect's API log
+        # worker honours the same switch. The error line says what failed.
+        logging.raiseExceptions = False
     workspace.configure(args.home)
     _quiet_library_logs()
     from instructflow.interrupts import sigterm_as_interrupt

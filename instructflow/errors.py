@@ -79,17 +79,28 @@ def damaged_store(exc: BaseException) -> str | None:
 def check_stores() -> str | None:
     """The recovery line for the first damaged SQLite store of the workspace, if any."""
     home = workspace.home()
+    mlflow_db, prefect_db = home / "mlflow.db", home / "prefect" / "prefect.db"
+    # What really follows the move, store by store: each is remade empty at the next run, the
+    # other one and the artifacts are untouched (stage cache records are files, not rows).
     stores = {
-        home / "mlflow.db": "the MLflow tracking store (runs, metrics, the model registry)",
-        home / "prefect" / "prefect.db": "the Prefect server's database (flow run history)",
+        mlflow_db: (
+            "the MLflow tracking store (runs, metrics, the model registry)",
+            f"mv {mlflow_db} {mlflow_db}.broken",
+            "a new empty store is made (earlier runs and model versions stay in the .broken "
+            "file); artifacts stay valid, finished stages are Cached, and register (when "
+            "enabled) registers the model anew, as version 1",
+        ),
+        prefect_db: (
+            "the Prefect server's database (flow run history)",
+            f"instructflow server stop; mv {prefect_db} {prefect_db}.broken",
+            "the workspace's Prefect server starts on a new empty database (earlier flow runs "
+            "stay in the .broken file); artifacts, cache records and MLflow runs and models "
+            "are untouched, finished stages are Cached and nothing is registered again",
+        ),
     }
-    for db, what in stores.items():
+    for db, (what, fix, then) in stores.items():
         if _damaged(db):
-            return (
-                f"{db} is damaged: {what}. Move it aside (mv {db} {db}.broken) and run again: "
-                "artifacts stay valid, finished stages are Cached and the model is registered "
-                "again in a fresh store"
-            )
+            return f"{db} is damaged: {what}. Move it aside ({fix}) and run again: {then}"
     return None
 
 

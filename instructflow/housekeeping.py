@@ -10,6 +10,11 @@ Two kinds, both made only by instructflow itself:
 
 They are looked for one level below the workspace's `artifacts/<stage>/` dirs and the
 per-user cache's `builtin/` and `encoders/` dirs, nowhere else.
+
+A `.tmp-*` dir that anything touched since the start of a run still running in the workspace
+(its owner record in `<workspace>/runs/`, instructflow.runs) never counts, whatever
+`older_than_s` says: it may be that run's artifact being written (`gc --remove --older-than
+0` during a run deleted it, and the run failed at its rename).
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def leftovers(
 
         cache_root = default_cache_root()
     now = time.time() if now is None else now
+    busy_since = live_runs_since(Path(home))
     found = []
     for path in _candidates(Path(home), Path(cache_root)):
         try:
@@ -94,13 +100,23 @@ def leftovers(
             continue
         age = max(0.0, now - newest)
         if path.name.startswith(TMP_PREFIX):
-            if age < older_than_s:
+            if age < older_than_s or (busy_since is not None and newest >= busy_since):
                 continue
             reason = "unpublished temp dir of an interrupted run"
         else:
             reason = "corrupt artifact, quarantined"
         found.append(Leftover(path=path, bytes=size, age_s=age, reason=reason))
     return sorted(found, key=lambda item: item.path)
+
+
+def live_runs_since(home: Path) -> float | None:
+    """When the earliest run still running in workspace `home` started (None: none runs);
+    a temp dir it writes changed after that."""
+    from instructflow import runs
+
+    starts = [float(o.record.get("started") or 0.0) for o in runs.live(Path(home))]
+    # Less a minute: the record's clock and the file system's may differ a little.
+    return min(starts) - 60.0 if starts else None
 
 
 def remove(found: Iterable[Leftover]) -> int:

@@ -1,9 +1,10 @@
 """Ctrl-C and SIGTERM: stop cleanly, say where, and leave everything resumable.
 
-- The CLI turns SIGTERM into the same KeyboardInterrupt as Ctrl-C, so both unwind through the
-  same cleanup: the stage's Prefect task run and the flow run end Crashed (the workspace's
-  Prefect server, in its own session, survives the signal and records it), the MLflow run ends
-  KILLED, and the CLI prints one line and exits 130.
+- The CLI turns SIGTERM into the same KeyboardInterrupt as Ctrl-C (inside a flow run Prefect's
+  own handler raises its TerminationSignal instead; `is_interrupt` counts both), so both
+  unwind through the same cleanup: the stage's Prefect task run and the flow run end Crashed
+  (the workspace's Prefect server, in its own session, survives the signal and records it),
+  the MLflow run ends KILLED, and the CLI prints one line and exits 130.
 - During training the first signal is a request: the run finishes its current step, saves a
   checkpoint if a step finished since the last one, and stops; `Interrupted` then carries the
   step to resume from. A second signal interrupts at once.
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +37,19 @@ class Interrupted(KeyboardInterrupt):
         if self.checkpoint_step:
             return f"{where} (checkpoint at step {self.checkpoint_step}; run again to resume)"
         return f"{where} (run again: finished stages are Cached)"
+
+
+def is_interrupt(exc: BaseException | type[BaseException] | None) -> bool:
+    """A signal's unwinding: KeyboardInterrupt, or the TerminationSignal Prefect's flow engine
+    raises for a SIGTERM that arrives inside a flow run (it replaces our handler there)."""
+    kind = exc if isinstance(exc, type) else type(exc)
+    if exc is None or not issubclass(kind, BaseException):
+        return False
+    if issubclass(kind, KeyboardInterrupt):
+        return True
+    prefect_exceptions = sys.modules.get("prefect.exceptions")  # loaded if a flow ran
+    signal_type = getattr(prefect_exceptions, "TerminationSignal", None)
+    return signal_type is not None and issubclass(kind, signal_type)
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

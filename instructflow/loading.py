@@ -173,6 +173,37 @@ def load_finetuned(train_ref: ArtifactRef, base_ref: ArtifactRef, **kwargs: Any)
     return model, tok
 
 
+def check_intact(path: Path, copy: bool = False) -> None:
+    """Refuse (LoadError, one line naming the file) a folder published with a MANIFEST.json
+    whose files no longer match it: a damaged adapter would load as garbage weights, or fail
+    deep inside PEFT. A damaged artifact of this workspace is also quarantined (`.corrupt-*`),
+    so the next pipeline run rebuilds it. A folder without a manifest is not checked.
+    `copy`: the folder is the registry's copy of part of an artifact (its adapter, tokenizer,
+    train.json...): a top-level entry left out is expected, anything inside a copied one not."""
+    from instructflow import workspace
+    from instructflow.artifacts import hash_tree, quarantine
+
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"{path / MANIFEST}: unreadable ({type(exc).__name__})") from None
+    want, have = manifest.get("files", {}), hash_tree(path)
+    if copy:
+        want = {n: d for n, d in want.items() if (path / n.split("/")[0]).exists()}
+    bad = sorted(n for n in want.keys() | have.keys() if want.get(n) != have.get(n))
+    if not bad:
+        return
+    what = "missing" if bad[0] not in have else "added" if bad[0] not in want else "changed"
+    line = f"{path / bad[0]} is {what} since the artifact was written ({len(bad)} file(s) differ)"
+    published = path.resolve().parent.parent == workspace.artifacts_dir()
+    if published and path.name == manifest.get("digest"):
+        quarantine(path)
+        line += f"; moved aside to {path.parent}/.corrupt-{path.name}-*: run the pipeline again"
+    raise LoadError(line)
+
+
 def _ref_of(path: Path, stage: str) -> ArtifactRef:
     digest = ""
     if (path / MANIFEST).is_file():
@@ -182,7 +213,9 @@ def _ref_of(path: Path, stage: str) -> ArtifactRef:
 
 def load_artifact_dirs(train_dir: Path, base_dir: Path):
     """(model, tokenizer, template) from a train artifact dir and a base-model artifact dir
-    (as the registry stores them)."""
+    (as the registry stores them), each checked against its manifest first."""
+    check_intact(train_dir, copy=True)
+    check_intact(base_dir, copy=True)
     info = json.loads((train_dir / "train.json").read_text())
     model, tok = load_finetuned(_ref_of(train_dir, "train"), _ref_of(base_dir, "base_model"))
     return model, tok, info.get("template", "alpaca")
@@ -194,7 +227,10 @@ def _base_for(info: dict[str, Any]):
     from instructflow import workspace
 
     for model_json in sorted((workspace.artifacts_dir() / "base_model").glob("*/model.json")):
+        if model_json.parent.name.startswith("."):  # a temp dir or a quarantined copy
+            continue
         if json.loads(model_json.read_text()) == info:
+            check_intact(model_json.parent)
             return load_base_model(_ref_of(model_json.parent, "base_model"))
     if info.get("kind") in ("gguf", "pruned"):
         return load_plain(source_dir(info, Path()))[0]
@@ -206,6 +242,7 @@ def _base_for(info: dict[str, Any]):
 def _train_artifact(path: Path):
     from transformers import AutoModelForCausalLM
 
+    check_intact(path)  # `serve --model artifacts/train/<digest>` loads it directly
     info = json.loads((path / "train.json").read_text())
     tok = load_tokenizer(path / "tokenizer")
     template = info.get("template", "alpaca")

@@ -6,6 +6,7 @@ stage call goes through. `flows/run.py` starts the flow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -154,7 +155,8 @@ class PipelineRun:
         import mlflow
 
         progress.unsubscribe(self._live_metrics)
-        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        # A SIGTERM outside training arrives as Prefect's TerminationSignal: an interrupt too.
+        interrupted = interrupts.is_interrupt(exc_type)
         if interrupted and self.current:
             self.stages[self.current] = {"state": "Interrupted", "seconds": 0.0}
         for name in self.stage_names:
@@ -163,19 +165,31 @@ class PipelineRun:
             )
         failed = exc_type is not None and exc_type is not StopPipeline
         status = "KILLED" if interrupted else "FAILED" if failed else "FINISHED"
-        try:
-            tracking.describe_run(self.mlflow_run_id, self.description(status))
-            mlflow.end_run(status=status)
-        except Exception:
-            # The store cannot be written now (a full disk, a dead server): the owner record
-            # stays, and the next run (or `instructflow runs --reconcile`) closes this run.
-            if exc_type is None:
-                raise
-        else:
+        problem: Exception | None = None
+        ended = False
+        # MLflow logs a failed store write with its traceback before raising it: the failure
+        # is reported here, in one line, so its logger is quiet for these two writes.
+        with _quiet_logger("mlflow"):
+            try:
+                tracking.describe_run(self.mlflow_run_id, self.description(status))
+            except Exception as e:  # the note is a nicety; the status below is not
+                problem = e
+            try:
+                # Always tried, even when the note could not be written: a run left active
+                # here would be ended FINISHED by MLflow's exit hook.
+                mlflow.end_run(status=status)
+                ended = True
+            except Exception as e:
+                # The store cannot be written now (a full disk, a dead server): the owner
+                # record stays, and the next run (or `runs --reconcile`) closes this run.
+                problem = problem or e
+        if ended:
             runs.record_end(self.owner)
         progress.notify(
             "run_finished", failed=failed, interrupted=interrupted, metrics=dict(self.metrics)
         )
+        if problem is not None and exc_type is None:
+            raise problem
         if interrupted and not isinstance(exc, interrupts.Interrupted):
             raise interrupts.Interrupted(self.current or "start-up") from None
         return exc_type is StopPipeline
@@ -321,3 +335,26 @@ def _failure_reason(state) -> str:
         text = str(exc).strip().splitlines()
         return text[0] if text else type(exc).__name__
     return state.message or state.name
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """`name`'s logger (and its children) silent inside the block."""
+    import logging
+
+    log = logging.getLogger(name)
+    before, log.disabled = log.disabled, True
+    children = [
+        logging.getLogger(n)
+        for n in list(logging.root.manager.loggerDict)
+        if n.startswith(name + ".")
+    ]
+    saved = [(c, c.disabled) for c in children]
+    for c in children:
+        c.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = before
+        for c, was in saved:
+            c.disabled = was

@@ -32,7 +32,13 @@ from instructflow import workspace
 # Starting it never changes a stage's output (instructflow.codeid).
 OUTPUT_NEUTRAL = True
 STATE_FILE = "server.json"
-START_TIMEOUT_S = 180.0
+# How long a new server may take to answer. It migrates a new database first: 10-20 s on an
+# idle 2-core machine, but a first run on a loaded one failed at the former 180 s.
+START_TIMEOUT_ENV = "INSTRUCTFLOW_PREFECT_START_TIMEOUT_S"
+START_TIMEOUT_S = 600.0
+# Environment variables the server never needs and must not keep for its (long) life: a run's
+# API keys (judge.api_key_env names one), tokens, passwords. Matched in the lowercased name.
+SECRET_ENV_HINTS = ("api_key", "apikey", "secret", "password", "passwd", "token", "credential")
 
 
 class ServerError(RuntimeError):
@@ -81,32 +87,61 @@ def running_url(home: Path | None = None) -> str | None:
     return info["url"] if info and _healthy(info["url"]) else None
 
 
+def start_timeout_s() -> float:
+    """The start-up limit: $INSTRUCTFLOW_PREFECT_START_TIMEOUT_S, else START_TIMEOUT_S."""
+    raw = os.environ.get(START_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return START_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise ServerError(f"{START_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return value
+
+
+def server_env(base: dict[str, str], hide: tuple[str, ...] = ()) -> dict[str, str]:
+    """`base` without the secrets a detached server would otherwise keep after the run: the
+    variables named in `hide` (e.g. judge.api_key_env) and any whose name looks like a key,
+    token or password. The server's own settings (PREFECT_SERVER_*) stay."""
+    hidden = set(hide)
+    return {
+        k: v
+        for k, v in base.items()
+        if k.startswith("PREFECT_SERVER_")
+        or (k not in hidden and not any(h in k.lower() for h in SECRET_ENV_HINTS))
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def ensure(home: Path | None = None) -> str:
+def ensure(home: Path | None = None, hide: tuple[str, ...] = ()) -> str:
     """The API URL of the workspace's server, starting it if it is not running (under a file
-    lock, so two runs starting together share one server)."""
+    lock, so two runs starting together share one server). `hide`: names of environment
+    variables a new server must not inherit, beside those server_env drops anyway."""
     from filelock import FileLock
 
     home = home or workspace.home()
     folder = _dir(home)
     folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / ".server.lock"), timeout=START_TIMEOUT_S + 30):
+    limit = start_timeout_s()
+    with FileLock(str(folder / ".server.lock"), timeout=limit + 30):
         url = running_url(home)
         if url:
             return url
         info = state(home)
-        if info and info.get("starting") and time.time() - info["started"] < START_TIMEOUT_S:
+        if info and info.get("starting") and time.time() - info["started"] < limit:
             # Its starter was killed while it came up (a run killed in its first seconds): a
             # second server would migrate the same new database at the same time.
-            return _wait(home, info)
+            return _wait(home, info, limit=limit)
         stop(home)  # a recorded process that no longer answers
         try:
-            return _start(home)
+            return _start(home, hide, limit)
         except ServerError:
             if not _fresh_database(folder / "prefect.db"):
                 raise
@@ -114,7 +149,7 @@ def ensure(home: Path | None = None) -> str:
         # being created): kept aside, and the server starts on a new one.
         broken = folder / "prefect.db"
         broken.rename(folder / f"prefect.db.broken-{int(time.time())}")
-        return _start(home)
+        return _start(home, hide, limit)
 
 
 def _fresh_database(db: Path) -> bool:
@@ -134,13 +169,13 @@ def _fresh_database(db: Path) -> bool:
         return False
 
 
-def _start(home: Path) -> str:
+def _start(home: Path, hide: tuple[str, ...] = (), limit: float = START_TIMEOUT_S) -> str:
     folder = _dir(home)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     log = folder / "server.log"
     env = {
-        **os.environ,
+        **server_env(dict(os.environ), hide),
         "PREFECT_HOME": str(folder),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
@@ -162,7 +197,7 @@ def _start(home: Path) -> str:
     # Recorded at once, so a run killed while this one comes up does not start a second.
     info = {"pid": proc.pid, "url": url, "port": port, "log": str(log), "started": time.time()}
     _record(folder, {**info, "starting": True})
-    return _wait(home, info, proc)
+    return _wait(home, info, proc, limit)
 
 
 def _record(folder: Path, info: dict[str, Any]) -> None:
@@ -171,10 +206,15 @@ def _record(folder: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, folder / STATE_FILE)
 
 
-def _wait(home: Path, info: dict[str, Any], proc: subprocess.Popen | None = None) -> str:
+def _wait(
+    home: Path,
+    info: dict[str, Any],
+    proc: subprocess.Popen | None = None,
+    limit: float = START_TIMEOUT_S,
+) -> str:
     """The URL once the server of `info` answers; ServerError if it exits or takes too long."""
     folder, log = _dir(home), Path(info["log"])
-    deadline = info["started"] + START_TIMEOUT_S
+    deadline = info["started"] + limit
     while time.time() < deadline:
         exited = proc.poll() is not None if proc else not _alive(int(info["pid"]))
         if exited:
@@ -191,7 +231,8 @@ def _wait(home: Path, info: dict[str, Any], proc: subprocess.Popen | None = None
         time.sleep(0.3)
     _kill(int(info["pid"]))
     raise ServerError(
-        f"the Prefect server did not answer within {START_TIMEOUT_S:.0f} s; see {log}"
+        f"the Prefect server did not answer within {limit:g} s (a loaded machine: raise "
+        f"{START_TIMEOUT_ENV}); see {log}"
     )
 
 

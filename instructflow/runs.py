@@ -30,8 +30,8 @@ REASON = "process killed (no exit recorded)"
 REASON_TAG = "instructflow.end_reason"
 
 
-def _dir() -> Path:
-    return workspace.home() / "runs"
+def _dir(home: Path | None = None) -> Path:
+    return (home or workspace.home()) / "runs"
 
 
 def _process_start(pid: int) -> float | None:
@@ -94,9 +94,11 @@ def record_end(run: str | Path | None) -> None:
         (_dir() / f"{run}.json").unlink(missing_ok=True)
 
 
-def owners() -> list[Owner]:
+def owners(home: Path | None = None) -> list[Owner]:
+    """The owner records of workspace `home` (default: this process's workspace)."""
     out = []
-    for path in sorted(_dir().glob("*.json")) if _dir().is_dir() else []:
+    folder = _dir(home)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             out.append(Owner(path, json.loads(path.read_text())))
         except (OSError, ValueError):
@@ -106,6 +108,11 @@ def owners() -> list[Owner]:
 
 def stale() -> list[Owner]:
     return [o for o in owners() if not o.alive]
+
+
+def live(home: Path | None = None) -> list[Owner]:
+    """Runs of workspace `home` whose process is still running (or on another host)."""
+    return [o for o in owners(home) if o.alive]
 
 
 def reconcile() -> list[dict[str, Any]]:

@@ -292,3 +292,43 @@ def judged_report(res) -> ArtifactRef:
         (tmp / "report.json").write_text(json.dumps({"metrics": res.metrics, "judge": judge}))
 
     return write_artifact("evaluate", write)
+
+
+def test_a_registered_copy_is_checked_for_what_it_holds_and_refused_when_damaged(home, local_base):
+    """The registry holds part of a train artifact (adapter, tokenizer, train.json) with the
+    artifact's manifest: what it leaves out (a loss curve) is expected, a changed adapter
+    file is refused in one line naming it."""
+    from mlflow.tracking import MlflowClient
+
+    from instructflow import loading
+    from tasks.register import register
+
+    tok_ref, base = local_base
+    _, trained = make_train(base, tok_ref, seed=4)
+
+    def write(tmp: Path):  # a train artifact with files the registry does not copy
+        trained.save_pretrained(str(tmp / "adapter"))
+        shutil.copytree(tok_ref.dir, tmp / "tokenizer", ignore=shutil.ignore_patterns("MANI*"))
+        info = {"method": "lora", "base_model": loading.model_info(base), "template": "alpaca"}
+        (tmp / "train.json").write_text(json.dumps(info))
+        (tmp / "loss_curve.png").write_bytes(b"not copied")
+        (tmp / "checkpoints").mkdir()
+        (tmp / "checkpoints" / "state.json").write_text("{}")
+
+    train = write_artifact("train", write)
+    report = make_report(perplexity=5.0, perplexity_base=9.0, rougeL=0.4, rougeL_base=0.1)
+    register(train, report, base, RegisterConfig(model_name=NAME))
+    model, tok, _ = loading.load_for_inference(f"models:/{NAME}@champion")
+    assert torch.allclose(logits(model, tok), logits(trained, tok), atol=1e-5)
+
+    version = MlflowClient().get_model_version_by_alias(NAME, "champion")
+    stored = next(
+        p
+        for p in (home / "mlartifacts").rglob("adapter_model.safetensors")
+        if version.source.split("/")[-1] in str(p)
+    )
+    stored.write_bytes(stored.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(loading.LoadError) as err:
+        loading.load_for_inference(f"models:/{NAME}@champion")
+    line = str(err.value)
+    assert "\n" not in line and "adapter_model.safetensors is changed" in line, line

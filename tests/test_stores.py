@@ -89,6 +89,14 @@ def test_a_full_disk_fails_in_one_line_and_the_run_is_closed_later(small_disk):
     assert "FAILED" in statuses
 
 
+def _mlflow_run_ids(home: Path) -> set[str]:
+    from mlflow.tracking import MlflowClient
+
+    store = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exps = [e.experiment_id for e in store.search_experiments()]
+    return {r.info.run_id for r in store.search_runs(exps)}
+
+
 def test_a_damaged_mlflow_store_is_named_with_its_recovery(tmp_path):
     home = tmp_path / "home"
     assert _run(home, until="download").returncode == 0
@@ -114,8 +122,16 @@ def test_a_damaged_prefect_database_is_named_with_its_recovery(tmp_path):
         assert broken.returncode == 1
         (line,) = _errors(broken)
         assert f"{db} is damaged: the Prefect server's database" in line, line
+        # It says what really happens (before: "the model is registered again in a fresh
+        # store", which is the MLflow store's case, not this one's).
+        assert f"instructflow server stop; mv {db} {db}.broken" in line, line
+        assert "finished stages are Cached and nothing is registered again" in line, line
+        mlflow_runs = _mlflow_run_ids(home)
+        assert _cli(home, "server", "stop").returncode == 0
         db.rename(db.with_name("prefect.db.broken"))
         fixed = _run(home, until="download", server=True)
         assert fixed.returncode == 0, fixed.stderr[-2000:]
+        assert "download  Cached" in fixed.stdout  # its cache record is a file, not a row
+        assert mlflow_runs < _mlflow_run_ids(home)  # the MLflow store was not touched
     finally:
         _cli(home, "server", "stop")

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from instructflow import housekeeping, workspace
+    from instructflow import housekeeping, runs, workspace
     from instructflow.builtin.model import cache_root
 
     console = Console()
@@ -68,6 +68,13 @@ def run(args: argparse.Namespace) -> int:
         console = Console(soft_wrap=True, width=200)
     home, cache = workspace.home(), cache_root()
     found = housekeeping.leftovers(home, cache, older_than_s=args.older_than * 3600)
+    live = runs.live(home)
+    if live:
+        pids = ", ".join(str(o.record.get("pid")) for o in live)
+        console.print(
+            f"{len(live)} run(s) of this workspace still running (pid {pids}): temp dirs "
+            "changed since they started are theirs and are kept"
+        )
     if not found:
         console.print(
             f"no leftovers (looked in {home / 'artifacts'} and {cache}; .tmp-* dirs count "

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not cli.use_workspace_prefect_server(console):
+    if not cli.use_workspace_prefect_server(console, hide=cli.key_env_names(cfg)):
         return 1
 
     from mlflow.tracking import MlflowClient

@@ -52,6 +52,74 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why the Trainer could not load checkpoint `folder` (a file and what is wrong with it),
+    or None. Checked without unpickling: a torch file must be a zip whose members match their
+    CRC-32 (torch.save writes them), a safetensors file's header must parse and its tensors fill
+    the file exactly, a JSON file must parse. Other files (README, tokenizer text) are not read
+    on resume."""
+    import zipfile
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        try:
+            if path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad:
+                    return f"{name}: member {bad} fails its CRC check"
+            elif path.suffix == ".safetensors":
+                problem = _safetensors_damage(path)
+                if problem:
+                    return f"{name}: {problem}"
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except zipfile.BadZipFile:
+            return f"{name}: not a torch checkpoint file (no zip archive)"
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:  # a bad header
+            return f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """The format's own layout: 8-byte little-endian header length, JSON header, then the data
+    whose last tensor ends exactly at the end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, too short for a safetensors header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"header length {length} is past the end of the file ({size} bytes)"
+        header = json.loads(fh.read(length))
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if 8 + length + max(ends, default=0) != size:
+        return f"tensors end at byte {8 + length + max(ends, default=0)}, the file has {size}"
+    return None
+
+
+def resumable_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint that loads. A damaged newer one (garbage in its adapter
+    or optimizer file, a bad sector) would fail every re-run, so it is moved aside as
+    `damaged-step-N` (kept for inspection; the Trainer's checkpoint rotation never sees it)
+    with a one-line warning naming it, and the next older one is tried."""
+    from instructflow import progress
+
+    while (newest := last_complete_checkpoint(folder)) is not None:
+        problem = checkpoint_damage(newest)
+        if problem is None:
+            return newest
+        step = newest.name.split("-", 1)[1]
+        aside = folder / f"damaged-step-{step}-{time.time_ns()}"
+        newest.rename(aside)
+        older = last_complete_checkpoint(folder)
+        then = f"resuming from {older.name}" if older else "starting from step 0"
+        msg = f"train: checkpoint {newest} is damaged ({problem}); moved to {aside.name}, {then}"
+        progress.notify("warning", stage="train", message=msg)
+    return None
+
+
 # -- the training run (in-process, or one torchrun rank) ---------------------------------------
 def resolve_precision(requested: str) -> str:
     """auto: bf16 on GPUs that compute it natively, fp16 on older GPUs, fp32 on CPU.
@@ -366,6 +434,9 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
         callbacks=cbs,
     )
     trainer.remove_callback(PrinterCallback)  # log dicts on stdout: the CLI has its own view
+    # Under torchrun, launch_torchrun set damaged checkpoints aside once, before any rank.
+    if cfg.resume and world == 1:
+        resumable_checkpoint(work / "checkpoints")
     resume = last_complete_checkpoint(work / "checkpoints") if cfg.resume else None
     resumed_step = int(resume.name.split("-")[1]) if resume else 0
     with interrupts.requested_stop() as stop:
@@ -566,6 +637,8 @@ def launch_torchrun(spec: dict[str, Any], cfg: TrainConfig) -> None:
     from instructflow import progress
 
     work = Path(spec["work"])
+    if cfg.resume:
+        resumable_checkpoint(work / "checkpoints")  # here, before any rank reads one
     if cfg.nnodes > 1:
         # A fresh rendezvous id per launch: an agent started with an older spec (of a killed
         # attempt, whose output dir is gone) never joins this one.
