@@ -12,6 +12,12 @@ server on the same database. A database with no flow run that its server cannot 
 short while being created) is put aside and made anew.
 `instructflow server status|start|stop` manages it. A `PREFECT_API_URL` already in the
 environment (your own server or Prefect Cloud) is used as it is.
+
+Every server started is also recorded per user (`<cache>/prefect-servers/<pid>.json`, the
+workspace and the process's start time), since a workspace folder can be deleted with its
+server still running: such orphans are stopped whenever a server is started, and `instructflow
+server stop --all` stops every server of the user, found through these records rather than by
+process name.
 """
 
 from __future__ import annotations
@@ -140,6 +146,7 @@ def ensure(home: Path | None = None, hide: tuple[str, ...] = ()) -> str:
             # second server would migrate the same new database at the same time.
             return _wait(home, info, limit=limit)
         stop(home)  # a recorded process that no longer answers
+        stop_orphans()  # servers of deleted workspaces: nothing left to serve
         try:
             return _start(home, hide, limit)
         except ServerError:
@@ -197,7 +204,78 @@ def _start(home: Path, hide: tuple[str, ...] = (), limit: float = START_TIMEOUT_
     # Recorded at once, so a run killed while this one comes up does not start a second.
     info = {"pid": proc.pid, "url": url, "port": port, "log": str(log), "started": time.time()}
     _record(folder, {**info, "starting": True})
+    _register(proc.pid, home, url)
     return _wait(home, info, proc, limit)
+
+
+# -- the per-user record of started servers ----------------------------------------------------
+def _registry() -> Path:
+    from instructflow.builtin.model import cache_root
+
+    return cache_root() / "prefect-servers"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _register(pid: int, home: Path, url: str) -> None:
+    folder = _registry()
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"pid": pid, "home": str(home.resolve()), "url": url, "since": _start_time(pid)}
+    tmp = folder / f".{pid}.json.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, folder / f"{pid}.json")
+
+
+def registered() -> list[dict[str, Any]]:
+    """The user's servers still running (records of exited ones are removed)."""
+    found = []
+    for path in sorted(_registry().glob("[0-9]*.json")):
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+            continue
+        pid = int(info.get("pid", -1))
+        if _alive(pid) and _start_time(pid) == info.get("since"):
+            found.append(info)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def _stop_registered(info: dict[str, Any]) -> None:
+    _kill(int(info["pid"]))
+    (_registry() / f"{info['pid']}.json").unlink(missing_ok=True)
+    state_file = _dir(Path(info["home"])) / STATE_FILE
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(state_file.read_text()).get("pid") == info["pid"]:
+            state_file.unlink()
+
+
+def stop_orphans() -> list[dict[str, Any]]:
+    """Stop the user's servers whose workspace folder is gone; the ones stopped."""
+    gone = [info for info in registered() if not Path(info["home"]).is_dir()]
+    for info in gone:
+        _stop_registered(info)
+    return gone
+
+
+def stop_all(under: Path | None = None) -> list[dict[str, Any]]:
+    """Stop every server of the user (those of workspaces under `under`, if given)."""
+    chosen = [
+        info
+        for info in registered()
+        if under is None or Path(info["home"]).resolve().is_relative_to(under.resolve())
+    ]
+    for info in chosen:
+        _stop_registered(info)
+    return chosen
 
 
 def _record(folder: Path, info: dict[str, Any]) -> None:
@@ -259,6 +337,7 @@ def stop(home: Path | None = None) -> bool:
     if info is None:
         return False
     _kill(int(info["pid"]))
+    (_registry() / f"{info['pid']}.json").unlink(missing_ok=True)
     return True
 
 

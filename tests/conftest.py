@@ -51,6 +51,12 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
     APILogWorker.drain_all(timeout=5)  # flow-run log lines still queued for the server
     prefect_server.stop(_session_home)
+    # Any workspace server a test started and left (a test's own cache aside): none outlives
+    # the session, and the count says whether a test forgets to stop its own.
+    basetemp = session.config._tmp_path_factory.getbasetemp()
+    left = [*prefect_server.stop_all(under=basetemp), *prefect_server.stop_all(_session_home)]
+    if left:
+        print(f"\nstopped {len(left)} Prefect server(s) that tests left running")
 
 
 @pytest.fixture(autouse=True)

@@ -59,3 +59,45 @@ def test_runs_share_the_workspace_server_which_shows_them_and_their_logs(tmp_pat
 
     assert not _alive(state["pid"])
     assert _cli(home, "server", "status").returncode == 1
+
+
+def test_servers_of_deleted_workspaces_stop_and_stop_all_finds_every_one(tmp_path):
+    """Every server started is recorded per user: one whose workspace folder was deleted is
+    stopped when another server starts, and `server stop --all` stops the rest."""
+    import shutil
+
+    from instructflow.prefect_server import _alive
+
+    cache = tmp_path / "cache"  # its own per-user records: the session's server is not in them
+
+    def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL",)}
+        env["INSTRUCTFLOW_CACHE"] = str(cache)
+        cmd = [sys.executable, "-m", "instructflow.cli", "--home", str(home), "server", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    homes = [tmp_path / name for name in ("deleted", "kept", "third")]
+    pids = []
+    try:
+        for home in homes[:2]:
+            assert cli(home, "start").returncode == 0
+            pids.append(json.loads((home / "prefect" / "server.json").read_text())["pid"])
+        shutil.rmtree(homes[0])
+        listed = cli(homes[1], "status", "--all")
+        assert listed.returncode == 0 and "2 Prefect server(s) running" in listed.stdout
+        assert f"pid {pids[0]} " in listed.stdout and "(workspace deleted)" in listed.stdout
+
+        assert cli(homes[2], "start").returncode == 0  # starting one stops the orphan
+        pids.append(json.loads((homes[2] / "prefect" / "server.json").read_text())["pid"])
+        assert not _alive(pids[0]) and _alive(pids[1]) and _alive(pids[2])
+
+        stopped = cli(homes[1], "stop", "--all")
+        assert stopped.returncode == 0 and "2 Prefect server(s) stopped" in stopped.stdout
+        assert not any(_alive(p) for p in pids)
+        assert not list((cache / "prefect-servers").glob("*.json"))
+        assert not (homes[1] / "prefect" / "server.json").exists()
+        assert cli(homes[1], "status").returncode == 1  # none running for the workspace
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.killpg(pid, 9)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -20,6 +22,12 @@ def register(sub) -> None:
         default="status",
         help="status (default): is it running and where; start: start it now; stop: stop it",
     )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="status / stop: every Prefect server instructflow started for this user, in any "
+        "workspace (deleted ones included)",
+    )
     p.set_defaults(func=run)
 
 
@@ -28,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from instructflow import workspace
 
     home = workspace.home()
+    if args.all:
+        return _all(args.action, ps)
     if args.action == "start":
         url = ps.ensure(home)
         print(f"Prefect server running: API {url}, UI {ps.ui_url(url)}")
@@ -44,4 +54,17 @@ def run(args: argparse.Namespace) -> int:
         f"Prefect server pid {info['pid']}, up {up / 60:.0f} min: API {info['url']}, "
         f"UI {ps.ui_url(info['url'])}, log {info['log']}"
     )
+    return 0
+
+
+def _all(action: str, ps) -> int:
+    if action == "start":
+        print("error: --all goes with status or stop", file=sys.stderr)
+        return 2
+    servers = ps.stop_all() if action == "stop" else ps.registered()
+    verb = "stopped" if action == "stop" else "running"
+    for info in servers:
+        gone = "" if Path(info["home"]).is_dir() else " (workspace deleted)"
+        print(f"{verb}: pid {info['pid']} {info['url']} for {info['home']}{gone}")
+    print(f"{len(servers)} Prefect server(s) {verb}")
     return 0
