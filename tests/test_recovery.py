@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tmpfs import mounted_tmpfs
 
 from instructflow import progress
 
@@ -168,18 +169,8 @@ def test_sigterm_outside_training_ends_killed_and_crashed_with_the_stage_named(t
 # -- (3) a disk that fills at register --------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 96 MB tmpfs (needs root, as CI runs; skipped with the reason elsewhere)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()} (CI runs as root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    """A real 96 MB tmpfs."""
+    yield from mounted_tmpfs(tmp_path / "small", 96)
 
 
 def test_a_disk_full_at_register_is_one_line_and_a_failed_run(small_disk, tmp_path):

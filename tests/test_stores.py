@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tmpfs import mounted_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -47,18 +48,8 @@ def _errors(proc: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 64 MB tmpfs (needs root, as CI runs; skipped with the reason elsewhere)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()} (CI runs as root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    """A real 64 MB tmpfs."""
+    yield from mounted_tmpfs(tmp_path / "small", 64)
 
 
 def test_a_full_disk_fails_in_one_line_and_the_run_is_closed_later(small_disk):
