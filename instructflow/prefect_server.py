@@ -18,6 +18,10 @@ workspace and the process's start time), since a workspace folder can be deleted
 server still running: such orphans are stopped whenever a server is started, and `instructflow
 server stop --all` stops every server of the user, found through these records rather than by
 process name.
+
+A server stops by itself once unused for `INSTRUCTFLOW_PREFECT_IDLE_S` seconds (default one
+hour: repeated runs reuse it) or as soon as its workspace folder is deleted: it runs under
+`instructflow.prefect_watch`, which watches for runs and clients.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from instructflow import workspace
+from instructflow.prefect_watch import LAST_USE_FILE
 
 # Starting it never changes a stage's output (instructflow.codeid).
 OUTPUT_NEUTRAL = True
@@ -42,6 +47,8 @@ STATE_FILE = "server.json"
 # idle 2-core machine, but a first run on a loaded one failed at the former 180 s.
 START_TIMEOUT_ENV = "INSTRUCTFLOW_PREFECT_START_TIMEOUT_S"
 START_TIMEOUT_S = 600.0
+IDLE_ENV = "INSTRUCTFLOW_PREFECT_IDLE_S"
+IDLE_S = 3600.0
 # Environment variables the server never needs and must not keep for its (long) life: a run's
 # API keys (judge.api_key_env names one), tokens, passwords. Matched in the lowercased name.
 SECRET_ENV_HINTS = ("api_key", "apikey", "secret", "password", "passwd", "token", "credential")
@@ -107,6 +114,20 @@ def start_timeout_s() -> float:
     return value
 
 
+def idle_s() -> float:
+    """Seconds unused before a server stops: $INSTRUCTFLOW_PREFECT_IDLE_S, else IDLE_S; 0 never."""
+    raw = os.environ.get(IDLE_ENV, "").strip()
+    if not raw:
+        return IDLE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value < float("inf")):
+        raise ServerError(f"{IDLE_ENV}={raw!r}: expected a number of seconds >= 0 (0: never)")
+    return value
+
+
 def server_env(base: dict[str, str], hide: tuple[str, ...] = ()) -> dict[str, str]:
     """`base` without the secrets a detached server would otherwise keep after the run: the
     variables named in `hide` (e.g. judge.api_key_env) and any whose name looks like a key,
@@ -136,7 +157,10 @@ def ensure(home: Path | None = None, hide: tuple[str, ...] = ()) -> str:
     folder = _dir(home)
     folder.mkdir(parents=True, exist_ok=True)
     limit = start_timeout_s()
+    idle_s()  # a bad setting fails here, in one line, not in the server's log
     with FileLock(str(folder / ".server.lock"), timeout=limit + 30):
+        # Seen by the server's watch: the caller is about to use it (instructflow.prefect_watch).
+        (folder / LAST_USE_FILE).touch()
         url = running_url(home)
         if url:
             return url
@@ -191,7 +215,10 @@ def _start(home: Path, hide: tuple[str, ...] = (), limit: float = START_TIMEOUT_
         "PREFECT_UI_API_URL": url,
     }
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "prefect", "server", "start"]
+    server = [sys.executable, "-m", "prefect", "server", "start"]
+    watch = [sys.executable, "-m", "instructflow.prefect_watch", "--home", str(home.resolve())]
+    idle = idle_s()
+    cmd = [*watch, "--port", str(port), "--idle-s", f"{idle:g}", "--", *server]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             cmd,
@@ -203,13 +230,14 @@ def _start(home: Path, hide: tuple[str, ...] = (), limit: float = START_TIMEOUT_
         )
     # Recorded at once, so a run killed while this one comes up does not start a second.
     info = {"pid": proc.pid, "url": url, "port": port, "log": str(log), "started": time.time()}
+    info["idle_s"] = idle
     _record(folder, {**info, "starting": True})
     _register(proc.pid, home, url)
     return _wait(home, info, proc, limit)
 
 
 # -- the per-user record of started servers ----------------------------------------------------
-def _registry() -> Path:
+def registry_dir() -> Path:
     from instructflow.builtin.model import cache_root
 
     return cache_root() / "prefect-servers"
@@ -224,7 +252,7 @@ def _start_time(pid: int) -> str | None:
 
 
 def _register(pid: int, home: Path, url: str) -> None:
-    folder = _registry()
+    folder = registry_dir()
     folder.mkdir(parents=True, exist_ok=True)
     info = {"pid": pid, "home": str(home.resolve()), "url": url, "since": _start_time(pid)}
     tmp = folder / f".{pid}.json.tmp"
@@ -235,7 +263,7 @@ def _register(pid: int, home: Path, url: str) -> None:
 def registered() -> list[dict[str, Any]]:
     """The user's servers still running (records of exited ones are removed)."""
     found = []
-    for path in sorted(_registry().glob("[0-9]*.json")):
+    for path in sorted(registry_dir().glob("[0-9]*.json")):
         try:
             info = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -251,7 +279,7 @@ def registered() -> list[dict[str, Any]]:
 
 def _stop_registered(info: dict[str, Any]) -> None:
     _kill(int(info["pid"]))
-    (_registry() / f"{info['pid']}.json").unlink(missing_ok=True)
+    (registry_dir() / f"{info['pid']}.json").unlink(missing_ok=True)
     state_file = _dir(Path(info["home"])) / STATE_FILE
     with contextlib.suppress(OSError, ValueError):
         if json.loads(state_file.read_text()).get("pid") == info["pid"]:
@@ -337,7 +365,7 @@ def stop(home: Path | None = None) -> bool:
     if info is None:
         return False
     _kill(int(info["pid"]))
-    (_registry() / f"{info['pid']}.json").unlink(missing_ok=True)
+    (registry_dir() / f"{info['pid']}.json").unlink(missing_ok=True)
     return True
 
 

@@ -57,6 +57,15 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     left = [*prefect_server.stop_all(under=basetemp), *prefect_server.stop_all(_session_home)]
     if left:
         print(f"\nstopped {len(left)} Prefect server(s) that tests left running")
+    # The check that none outlives the suite: a server that would not stop fails the session.
+    still = [
+        info
+        for info in prefect_server.registered()
+        if any(Path(info["home"]).is_relative_to(p) for p in (basetemp, _session_home))
+    ]
+    if still:
+        print(f"\nPrefect server(s) still running after the tests: {still}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

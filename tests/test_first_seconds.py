@@ -140,7 +140,8 @@ def test_a_store_mlflow_left_half_made_is_rebuilt(tmp_path):
 
 
 def _prefect_servers(folder: Path) -> list[int]:
-    """Pids of `prefect server start` processes whose PREFECT_HOME is `folder`."""
+    """Pids of `prefect server start` processes whose PREFECT_HOME is `folder` (not their
+    supervisors, instructflow.prefect_watch, whose command line ends with the server's)."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
@@ -148,7 +149,8 @@ def _prefect_servers(folder: Path) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"server\0start" in cmdline and f"PREFECT_HOME={folder}".encode() in env:
+        watch = b"instructflow.prefect_watch" in cmdline
+        if b"server\0start" in cmdline and not watch and f"PREFECT_HOME={folder}".encode() in env:
             pids.append(int(proc.name))
     return pids
 
@@ -174,4 +176,4 @@ def test_a_kill_while_the_prefect_server_comes_up_leaves_one_server(tmp_path):
         assert len(_prefect_servers(home / "prefect")) == 1
     finally:
         for pid in _prefect_servers(home / "prefect"):
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(os.getpgid(pid), signal.SIGTERM)  # its supervisor's group

@@ -101,3 +101,71 @@ def test_servers_of_deleted_workspaces_stop_and_stop_all_finds_every_one(tmp_pat
         for pid in pids:
             if _alive(pid):
                 os.killpg(pid, 9)
+
+
+def test_a_server_stops_once_unused_or_when_its_workspace_is_deleted(tmp_path):
+    """Nothing keeps a server up but a live run or a client: unused past
+    INSTRUCTFLOW_PREFECT_IDLE_S it stops (its records cleaned), and deleting the workspace stops
+    one that never idles out."""
+    import shutil
+    import time
+
+    import httpx
+
+    from instructflow import runs
+    from instructflow.prefect_server import _alive
+    from instructflow.prefect_watch import busy
+
+    cache = tmp_path / "cache"
+
+    def start(home: Path, idle_s: float) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        env["INSTRUCTFLOW_CACHE"] = str(cache)
+        cmd = [sys.executable, "-m", "instructflow.cli", "--home", str(home), "server", "start"]
+        return subprocess.Popen([*cmd, "--idle-s", str(idle_s)], cwd=ROOT, env=env)
+
+    def gone_within(pid: int, seconds: float) -> float:
+        began = time.time()
+        while _alive(pid) and time.time() - began < seconds:
+            time.sleep(0.5)
+        return time.time() - began if not _alive(pid) else float("inf")
+
+    idle, deleted = tmp_path / "idle", tmp_path / "deleted"
+    pids = []
+    try:
+        starting = [start(idle, 6), start(deleted, 0)]  # together: each takes 10-20 s
+        assert [p.wait(timeout=600) for p in starting] == [0, 0]
+        info, forever = (
+            json.loads((h / "prefect" / "server.json").read_text()) for h in (idle, deleted)
+        )
+        pids += [info["pid"], forever["pid"]]
+        assert (info["idle_s"], forever["idle_s"]) == (6, 0)
+
+        # 0 never idles out, but deleting its workspace stops it within seconds.
+        shutil.rmtree(deleted)
+        assert gone_within(forever["pid"], 30) < 30
+
+        # What keeps one up: a client's requests (open or closed within the last minute: a
+        # worker's or the UI's short polls), a run of the workspace in progress.
+        with httpx.Client() as client:
+            assert client.get(f"{info['url']}/health").status_code == 200
+            assert "client connection(s)" in busy(idle, info["port"])
+        os.environ["INSTRUCTFLOW_HOME"], saved = str(idle), os.environ["INSTRUCTFLOW_HOME"]
+        try:
+            owner = runs.record_start(None, "flow-run-id", "sqlite:///unused.db")
+        finally:
+            os.environ["INSTRUCTFLOW_HOME"] = saved
+        time.sleep(8)
+        assert busy(idle, info["port"]) == "1 run(s) in progress" and _alive(info["pid"])
+        owner.unlink()
+
+        # Unused: it stops by itself, a minute or so after the last request.
+        assert gone_within(info["pid"], 120) < 120
+        assert not (idle / "prefect" / "server.json").exists()
+        assert not list((cache / "prefect-servers").glob("*.json"))
+        log = (idle / "prefect" / "server.log").read_text()
+        assert "idle for 6 s (no run, no client): stopping the server" in log
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.killpg(pid, 9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,14 @@ def register(sub) -> None:
         help="status / stop: every Prefect server instructflow started for this user, in any "
         "workspace (deleted ones included)",
     )
+    p.add_argument(
+        "--idle-s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start: stop the server after this long unused (no run, no client); 0: never "
+        "(default: $INSTRUCTFLOW_PREFECT_IDLE_S, else 3600)",
+    )
     p.set_defaults(func=run)
 
 
@@ -39,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if args.all:
         return _all(args.action, ps)
     if args.action == "start":
+        if args.idle_s is not None:
+            os.environ[ps.IDLE_ENV] = f"{args.idle_s:g}"
         url = ps.ensure(home)
         print(f"Prefect server running: API {url}, UI {ps.ui_url(url)}")
         return 0
@@ -50,9 +61,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"no Prefect server running for {home} (`instructflow run` starts one)")
         return 1
     up = time.time() - info.get("started", time.time())
+    idle = info.get("idle_s")
+    stops = f"; stops after {idle:g} s unused" if idle else ""
     print(
         f"Prefect server pid {info['pid']}, up {up / 60:.0f} min: API {info['url']}, "
-        f"UI {ps.ui_url(info['url'])}, log {info['log']}"
+        f"UI {ps.ui_url(info['url'])}, log {info['log']}{stops}"
     )
     return 0
 
