@@ -17,6 +17,7 @@ from instructflow import (
     errors,
     housekeeping,
     interrupts,
+    prefect_report,
     progress,
     runs,
     tracking,
@@ -63,6 +64,7 @@ class PipelineRun:
         self.helpers: dict[str, dict[str, Any]] = {}
         self.metrics: dict[str, float] = {}
         self.mlflow_run_id: str | None = None
+        self.experiment_id = ""
         self.flow_run_id: str | None = None
         self.owner: Path | None = None  # this run's owner record (instructflow.runs)
         self.stopped = False
@@ -96,6 +98,7 @@ class PipelineRun:
         tcfg = self.cfg.tracking
         workspace.ensure_mlflow_store(uri)
         exp_id = tracking.setup(tcfg.tracking_uri, tcfg.experiment, tcfg.on_unreachable)
+        self.experiment_id = exp_id
         # Unpublished temp dirs of runs killed a day or more ago go; quarantined corrupt
         # artifacts stay for inspection (`instructflow gc --remove` deletes those).
         housekeeping.remove(
@@ -183,6 +186,10 @@ class PipelineRun:
                 # The store cannot be written now (a full disk, a dead server): the owner
                 # record stays, and the next run (or `runs --reconcile`) closes this run.
                 problem = problem or e
+        # The flow run's page in the Prefect UI: every stage's end, however the run ended.
+        prefect_report.publish(
+            "run", f"{self.description(status)}\n\n{self._mlflow_link()}", f"run {status}"
+        )
         if ended:
             runs.record_end(self.owner)
         progress.notify(
@@ -230,6 +237,8 @@ class PipelineRun:
         }
         progress.notify("stage_finished", stage=name, **self.stages[name])
         _run_log(f"{name}: {label} in {seconds:.1f} s. {self.stages[name]['summary']}")
+        report = prefect_report.stage_markdown(name, label, seconds, ref, self._mlflow_link())
+        prefect_report.publish(name, report, f"{name}: {label}. {ref.meta.get('summary', '')}")
         if self.until == name:
             self.stopped = True
             raise StopPipeline()
@@ -287,6 +296,15 @@ class PipelineRun:
                 f"only {free_mb:.0f} MB free in {workspace.home()} "
                 f"(tracking.min_free_disk_mb={floor})",
             )
+
+    def _mlflow_link(self) -> str:
+        import mlflow
+
+        if not self.mlflow_run_id:
+            return "no MLflow run"
+        return prefect_report.mlflow_link(
+            mlflow.get_tracking_uri(), self.experiment_id, self.mlflow_run_id
+        )
 
     def description(self, status: str) -> str:
         """Markdown for the MLflow run page: what ran, how each stage ended, key figures."""

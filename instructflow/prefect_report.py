@@ -1,0 +1,108 @@
+"""What each stage produced, as Prefect artifacts: the flow run's page tells the night's story.
+
+The Prefect UI showed flow and task runs with one log line per stage; whether last night's run
+was any good took a trip to MLflow. Each stage now publishes a short markdown artifact (its
+state, seconds, summary and figures; evaluate's base-vs-tuned table; register's gate decision
+and reasons; the MLflow run), keyed by stage so the Artifacts page also shows each stage's
+history over the nights, and the run ends with a summary of every stage. Publishing is a
+courtesy: a Prefect API that refuses it costs a warning, never the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from instructflow.artifacts import ArtifactRef
+
+# Reporting never changes a stage's output (instructflow.codeid).
+OUTPUT_NEUTRAL = True
+MAX_ROWS = 40
+log = logging.getLogger(__name__)
+
+
+def key(name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for a stage name."""
+    return "instructflow-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return str(v).replace("|", "/")
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
+
+
+def figures_table(metrics: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    """Markdown rows: metrics with a `_base` twin as base | fine-tuned, the rest as value."""
+    values = {**figures, **metrics}
+    twins = [k for k in values if f"{k}_base" in values]
+    lines = []
+    if twins:
+        lines += ["| metric | base | fine-tuned |", "|---|---|---|"]
+        lines += [f"| {k} | {_value(values[f'{k}_base'])} | {_value(values[k])} |" for k in twins]
+        lines.append("")
+    rest = [k for k in values if k not in twins and k.removesuffix("_base") not in twins]
+    if rest:
+        lines += ["| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {_value(values[k])} |" for k in rest[:MAX_ROWS]]
+        if len(rest) > MAX_ROWS:
+            lines.append(f"| … | {len(rest) - MAX_ROWS} more in MLflow |")
+    return lines
+
+
+def _notes(ref: ArtifactRef) -> list[str]:
+    """What the figures alone would hide: an untrusted judge, a BLEU that measures nothing, the
+    gate's decision and reasons."""
+    notes = []
+    bleu = ref.meta.get("tags", {}).get("instructflow.bleu_note")
+    if bleu:
+        notes.append(f"**BLEU carries no signal here**: {bleu}")
+    if ref.stage == "evaluate" and ref.file("report.json").is_file():
+        judge = json.loads(ref.file("report.json").read_text()).get("judge", {})
+        if judge.get("status") and not judge.get("usable", True):
+            notes.append(f"**Judge untrusted, its scores not used**: {judge.get('status', '')}")
+    if ref.file("decision.json").is_file():
+        decision = json.loads(ref.file("decision.json").read_text())
+        verdict = "promoted to champion" if decision.get("promoted") else "not promoted"
+        if decision.get("version") is None:
+            verdict = "nothing registered"
+        notes.append(f"**Gate**: {verdict}")
+        notes += [f"- {reason}" for reason in decision.get("reasons", [])]
+    return notes
+
+
+def stage_markdown(name: str, state: str, seconds: float, ref: ArtifactRef, mlflow: str) -> str:
+    meta = ref.meta
+    lines = [
+        f"### {name}: {state} in {seconds:.1f} s",
+        "",
+        meta.get("summary", "") or "",
+        "",
+        *_notes(ref),
+        "",
+        *figures_table(meta.get("metrics", {}), meta.get("figures", {})),
+        "",
+        f"Artifact `{ref.digest[:16]}` · {mlflow}",
+    ]
+    return "\n".join(lines)
+
+
+def mlflow_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where the run is in the MLflow UI (a tracking server's own address, else the one
+    `instructflow ui` serves by default)."""
+    remote = tracking_uri.startswith(("http://", "https://"))
+    base = tracking_uri.rstrip("/") if remote else "http://127.0.0.1:5000"
+    link = f"[MLflow run {run_id[:8]}]({base}/#/experiments/{experiment_id}/runs/{run_id})"
+    return link if remote else f"{link} (`instructflow ui`)"
+
+
+def publish(name: str, markdown: str, description: str) -> None:
+    """A markdown artifact on the current flow run; a warning if Prefect refuses it."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown, key=key(name), description=description)
+    except Exception as exc:  # a report, not a result: the run goes on
+        log.warning("could not publish the %s report to Prefect: %s", name, exc)
