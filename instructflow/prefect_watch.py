@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", type=Path, required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--idle-s", type=float, required=True, help="0: never stop when idle")
-    p.add_argument("--poll-s", type=float, default=2.0)
+    p.add_argument("--poll-s", type=float, default=5.0)
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the server's command line")
     args = p.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
