@@ -15,6 +15,11 @@ Recognised `meta` keys (all optional):
   tables:       [{file, artifact_file}]              -> mlflow.log_table (file: JSON {col: [..]})
   params:       {name: value}                        -> "<stage>.out.<name>" params
   tags:         {name: value}                        -> run tags
+  models:       [{name, role, step, path, metrics}]  -> MLflow 3 LoggedModels of the run (the
+                                                        kept checkpoints and the final model,
+                                                        see instructflow.logged_models)
+  measured_model: a train artifact's digest          -> `metrics` (not the base's twins) also
+                                                        logged on its final LoggedModel
   summary:      short text for the CLI table
 Metric names group by stage in the MLflow UI (`metric_name`): `train/loss`, `evaluate/rougeL`,
 the base model's twins under `evaluate/base/...`, per-task exact match under `evaluate/em/...`.
@@ -31,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from instructflow import workspace
+from instructflow import logged_models, workspace
 from instructflow.artifacts import ArtifactRef, sha256_file
 
 # Its code changes no stage's output (instructflow.codeid does not follow it).
@@ -202,12 +207,17 @@ def log_stage(run_id: str, ref: ArtifactRef, step_metrics: bool = True) -> dict[
     metrics = {
         metric_name(stage, k): float(v) for k, v in meta.get("metrics", {}).items() if _num(v)
     }
-    batch = [Metric(k, v, now, 0) for k, v in metrics.items()]
+    model_id = _measured_model(run_id, meta.get("measured_model"))
+    batch = [
+        Metric(k, v, now, 0, model_id=None if k.startswith(f"{stage}/base/") else model_id)
+        for k, v in metrics.items()
+    ]
     for name, series in meta.get("step_metrics", {}).items() if step_metrics else ():
         key = metric_name(stage, name)
         batch += [Metric(key, float(v), now, int(s)) for s, v in series if _num(v)]
     for i in range(0, len(batch), 1000):
         client.log_batch(run_id, metrics=batch[i : i + 1000])
+    logged_models.log_models(client, run_id, ref, now)  # after the curves: same timestamps
 
     # Under "<stage>.out." so a stage's own params can never collide with the config's
     # "<stage>.<key>" params (MLflow refuses to change a logged param and fails the run).
@@ -235,6 +245,13 @@ def log_stage(run_id: str, ref: ArtifactRef, step_metrics: bool = True) -> dict[
             data = json.loads(ref.file(table["file"]).read_text(encoding="utf-8"))
             mlflow.log_table(data, artifact_file=table["artifact_file"])
     return {**figures, **metrics}
+
+
+def _measured_model(run_id: str, digest: str | None) -> str | None:
+    if not digest:
+        return None
+    model = logged_models.final_model(run_id, digest)
+    return model.model_id if model is not None else None
 
 
 # A dataset input's schema comes from its first rows: reading a million-row file into pandas

@@ -347,6 +347,8 @@ def evaluate(
             "params": params,
             "log_files": ["report.json", "scores.png"],
             "tables": tables,
+            # The figures are also the fine-tuned model's own (its final LoggedModel).
+            "measured_model": model.digest,
             "summary": summary,
         }
 

@@ -5,7 +5,9 @@ around the adapter + a reference to the base weights (see instructflow/registry.
 gate compares the challenger's evaluate report with the champion's (metrics are stored as
 tags on each version, with the digest of the test split they were measured on); passing
 moves `champion`. The decision and its reasons become tags on the version and on the run,
-and `decision.json` in this stage's artifact.
+and `decision.json` in this stage's artifact. The pyfunc is logged into the run's final
+LoggedModel of the train artifact (instructflow.logged_models): the version's source is
+`models:/<its model_id>`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from instructflow import gate, registry, tracking
+from instructflow import gate, logged_models, registry, tracking
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import RegisterConfig
@@ -145,6 +147,15 @@ def register(
         card = model_card(
             cfg.model_name, run_id, train_info, base_info, params, digests, metrics, judge
         )
+        # The pyfunc goes into the run's final LoggedModel of this train artifact (tracking
+        # made it when the train stage was logged), so the version is that model (source
+        # models:/<model_id>), the one beside the checkpoints, with the evaluate figures.
+        final = logged_models.final_model(run_id, model.digest)
+        into = (
+            {"model_id": final.model_id, "step": int(final.tags[logged_models.STEP_TAG])}
+            if final is not None
+            else {}  # a direct call outside a pipeline run: log_model makes one
+        )
         with tempfile.TemporaryDirectory() as tmp:
             artifacts = registry.stage_model_files(model, base, card, Path(tmp))
             # The active run is the pipeline's (or the one started above). MLflow prints
@@ -158,6 +169,7 @@ def register(
                     pip_requirements=registry.pip_requirements(train_info.get("method", "")),
                     registered_model_name=cfg.model_name,
                     metadata={"base_model": base_info, "template": train_info.get("template")},
+                    **into,
                 )
         version = str(info.registered_model_version)
         # A few key figures as tags (what the gate compares with); the rest is in the card.

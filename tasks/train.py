@@ -6,7 +6,8 @@ rerun with the same key resumes from the last complete one. Figures go into the 
 for `tracking.log_stage`.
 
 Output (artifacts/train/<digest>/): adapter/ (or model/ for method full), tokenizer/ (the
-tokenizer artifact's files, byte for byte), train.json, loss_curve.png, merged/ if merge.
+tokenizer artifact's files, byte for byte), train.json, loss_curve.png, merged/ if merge,
+checkpoints/ (the kept checkpoints' weights, see instructflow.training.checkpoints).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from instructflow import codeid, loading, plots, workspace
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import inputs_key, stage_task
 from instructflow.config import TrainConfig
-from instructflow.training import methods, trainer
+from instructflow.training import checkpoints, methods, trainer
 from instructflow.training.trainer import TrainError
 
 __all__ = ["TrainError", "train", "train_task", "work_key"]
@@ -74,7 +75,8 @@ def train(
         plots.loss_curve(info["step_metrics"], tmp / "loss_curve.png")
         if cfg.merge:
             _write_merged(tmp, base)
-        return _meta(info, cfg)
+        models = checkpoints.export(work / "checkpoints", tmp, _out_dir(cfg), info)
+        return _meta(info, cfg, models)
 
     ref = write_artifact(stage, write)
     if not cfg.keep_checkpoints:
@@ -105,8 +107,13 @@ def work_key(tokenized, base, tokenizer, cfg: TrainConfig, teacher=None) -> str:
     return inputs_key("train", codeid.digest(__file__), inputs)
 
 
-def _meta(info: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
-    out_dir = "adapter" if methods.get(cfg.method.name).saves_adapter else "model"
+def _out_dir(cfg: TrainConfig) -> str:
+    return "adapter" if methods.get(cfg.method.name).saves_adapter else "model"
+
+
+def _meta(info: dict[str, Any], cfg: TrainConfig, models: list[dict]) -> dict[str, Any]:
+    out_dir = _out_dir(cfg)
+    copied = any(m["path"].startswith("checkpoints/") for m in models)
     m = info["metrics"]
     loss = m.get("best_eval_loss", m.get("final_loss", float("nan")))
     charts = {k: v for k, v in m.items() if k in CHART_METRICS}
@@ -117,7 +124,11 @@ def _meta(info: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
         # Not "train.packing"/"train.precision": those config params hold the requested values.
         "params": {"packing_mode": info["packing"], "precision_resolved": info["precision"]},
         "log_files": ["train.json", "loss_curve.png"],
-        "log_dirs": [out_dir, "tokenizer"] + (["merged"] if cfg.merge else []),
+        "log_dirs": [out_dir, "tokenizer"]
+        + (["merged"] if cfg.merge else [])
+        + (["checkpoints"] if copied else []),
+        # The kept checkpoints and the final model: LoggedModels of the run (tracking).
+        "models": models,
         "summary": f"{cfg.method.name}, {m['steps']} steps, loss {loss:.3f}, {info['packing']}",
     }
 

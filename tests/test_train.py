@@ -367,6 +367,16 @@ def test_generation_metrics_while_training_choose_the_kept_checkpoint(inputs):
     assert (kept / "adapter_model.safetensors").read_bytes() == ref.file(
         "adapter/adapter_model.safetensors"
     ).read_bytes()
+    # As models (tracking makes them LoggedModels): the kept one and the final share the
+    # adapter's weights, the others' are copied without their optimizer state.
+    models = {m["name"]: m for m in ref.meta["models"]}
+    assert set(models) == {f"checkpoint-{s}" for s in (10, 20, 30, 40)} | {"final"}
+    assert models["final"]["step"] == best_step and models["final"]["path"] == "adapter"
+    assert models[f"checkpoint-{best_step}"]["path"] == "adapter"
+    assert models["final"]["metrics"]["eval_rougeL"] == best
+    copied = [m["path"] for m in models.values() if m["path"] != "adapter"]
+    assert copied and all(ref.file(p).is_dir() for p in copied)
+    assert not any(ref.dir.glob("checkpoints/*/optimizer.pt"))
 
 
 def test_best_by_a_generation_metric_needs_generation():

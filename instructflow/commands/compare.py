@@ -1,9 +1,11 @@
-"""`instructflow compare RUN_A RUN_B`: config and metric differences of two MLflow runs."""
+"""`instructflow compare RUN_A RUN_B`: config and metric differences of two MLflow runs, and
+each run's LoggedModels (kept checkpoints and the final model) best first."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 
 MISSING = "-"
@@ -15,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("run_b", help="MLflow run id")
     p.add_argument("--all", action="store_true", help="also list equal params and metrics")
     p.add_argument("--tracking-uri", help="MLflow store (default: the workspace's)")
+    p.add_argument(
+        "--no-models", action="store_true", help="leave out the runs' logged models (checkpoints)"
+    )
     p.set_defaults(func=run)
 
 
@@ -39,6 +44,62 @@ def metric_rows(a: dict, b: dict, show_all: bool = False) -> list[tuple[str, str
                 delta += f" ({(vb - va) / abs(va):+.1%})"
         rows.append((k, _fmt(va), _fmt(vb), delta))
     return rows
+
+
+# The figures a model is ranked by: its step's training figures and the evaluate stage's.
+MODEL_COLUMNS = re.compile(r"^\w+/(loss|eval_\w+)$|^evaluate/(exact_match|rougeL|win_rate)$")
+
+
+def model_rows(models) -> tuple[list[str], list[list[str]]]:
+    """(metric columns, rows: name, step, model id, values) of LoggedModels, in their order."""
+    from instructflow import logged_models
+
+    values = []
+    for m in models:
+        latest = {}  # a key's value at its highest step (the model's own)
+        for x in sorted(m.metrics or [], key=lambda x: (x.step, x.timestamp)):
+            latest[x.key] = x.value
+        values.append(latest)
+    cols = sorted({k for v in values for k in v if MODEL_COLUMNS.match(k)})
+    rows = [
+        [m.name, m.tags.get(logged_models.STEP_TAG, MISSING), m.model_id]
+        + [_fmt(v.get(c)) for c in cols]
+        for m, v in zip(models, values, strict=True)
+    ]
+    return cols, rows
+
+
+def _models_table(client, run, label: str):
+    """The run's LoggedModels as mlflow.search_logged_models orders them by train.best_by."""
+    from mlflow.exceptions import MlflowException
+    from rich.table import Table
+
+    from instructflow import logged_models
+
+    order = logged_models.order_by(run.data.params.get("train.best_by", "eval_loss"))
+    try:
+        models = logged_models.search(client, run.info.run_id, order=order)
+    except MlflowException:  # a store without LoggedModels (MLflow 2 server)
+        return None
+    if not models:
+        return None
+    cols, rows = model_rows(models)
+    field, up = order[0]["field_name"], order[0]["ascending"]
+    direction = "ascending" if up else "descending"
+    table = Table(
+        title=f"logged models of {label}, best first ({field} {direction})",
+        caption=(
+            f"mlflow.search_logged_models(experiment_ids=['{run.info.experiment_id}'], "
+            f"filter_string=\"source_run_id = '{run.info.run_id}'\", order_by={order})"
+        ),
+    )
+    for col in ("model", "step", "model_id"):
+        table.add_column(col, no_wrap=True)  # names to copy: never folded
+    for col in cols:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def _fmt(v: float | None) -> str:
@@ -101,4 +162,8 @@ def run(args: argparse.Namespace) -> int:
         metrics.add_row(*row)
     console.print(params if params.row_count else "config: identical")
     console.print(metrics if metrics.row_count else "metrics: identical")
+    for label, r in () if args.no_models else ((label_a, a), (label_b, b)):
+        table = _models_table(client, r, label)
+        if table is not None:
+            console.print(table)
     return 0

@@ -8,7 +8,8 @@ go to the stage's work dir and a rerun with the same key resumes from the last c
 `train.nproc > 1` runs `python -m instructflow.training.trainer <spec.json>` under torchrun
 (DDP: gloo on CPU, nccl on GPU); only rank 0 writes outputs. `train.nnodes > 1` adds a c10d
 rendezvous that the other nodes' agents join (`instructflow train-node`). The HF MLflow
-callback is off, so checkpoints are never mirrored into MLflow.
+callback is off: the kept checkpoints' weights reach MLflow through the train artifact
+instead, as LoggedModels (instructflow.training.checkpoints, instructflow.logged_models).
 """
 
 from __future__ import annotations
