@@ -213,6 +213,8 @@ def _start(home: Path, hide: tuple[str, ...] = (), limit: float = START_TIMEOUT_
         "PREFECT_SERVER_API_PORT": str(port),
         # The UI must call this server, not the default port.
         "PREFECT_UI_API_URL": url,
+        # Links the server makes (a notification's run link) point at its own UI.
+        "PREFECT_UI_URL": ui_url(url),
     }
     env.pop("PREFECT_API_URL", None)
     server = [sys.executable, "-m", "prefect", "server", "start"]
