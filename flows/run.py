@@ -13,13 +13,29 @@ def run_finetune(
     config_path: str | None, overrides: list[str] | None = None, until: str | None = None
 ) -> dict[str, Any]:
     """Run the finetune flow in-process with its Prefect results kept in the workspace."""
+    _start_prefect_api()
+    return workspace_flow()(config_path=config_path, overrides=overrides or [], until=until)
+
+
+def workspace_flow():
+    """The finetune flow with its cache records in this process's workspace."""
     from flows.finetune import finetune
 
-    _start_prefect_api()
     # A Path (not a block) keeps cache records inside this workspace, whatever the
     # process-wide Prefect settings say; tasks inherit the flow's result store.
-    flow = finetune.with_options(result_storage=workspace.prefect_results_dir())
-    return flow(config_path=config_path, overrides=overrides or [], until=until)
+    return finetune.with_options(result_storage=workspace.prefect_results_dir())
+
+
+def __getattr__(name: str) -> Any:
+    """`flows/run.py:finetune`, the nightly deployment's entrypoint: `workspace_flow()`.
+
+    A worker's flow-run process loads its entrypoint without `workspace.configure()`, so
+    `flows/finetune.py:finetune` kept its cache records under the worker's PREFECT_HOME, not
+    in INSTRUCTFLOW_HOME: a worker with another PREFECT_HOME (a new machine, a new container)
+    re-ran every stage. Resolved on access, in the process that runs the flow."""
+    if name == "finetune":
+        return workspace_flow()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _start_prefect_api() -> None:

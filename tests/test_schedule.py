@@ -4,85 +4,23 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
+import prefect_procs
 import pytest
+from prefect_procs import BIN, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def wait_for(check, timeout: float, what: str, procs=()):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for p, log in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"{what}: process exited: {log.read_text()[-3000:]}")
-        try:
-            value = check()
-        except httpx.HTTPError:
-            value = None
-        if value:
-            return value
-        time.sleep(1)
-    logs = "\n".join(log.read_text()[-2000:] for _, log in procs)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 @pytest.fixture
 def prefect_server(tmp_path):
     """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields (api_url, env)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-server"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    log = tmp_path / "prefect-server.log"
-    proc = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_for(
-            lambda: httpx.get(api + "/health", timeout=2).status_code == 200,
-            90,
-            "prefect server",
-            [(proc, log)],
-        )
-        yield api, {**env, "PREFECT_API_URL": api}
-    finally:
-        stop(proc)
+    with prefect_procs.prefect_server(tmp_path) as server:
+        yield server
 
 
 def test_prefect_yaml_describes_the_nightly_deployment():

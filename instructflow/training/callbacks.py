@@ -50,7 +50,7 @@ class StepMetrics(TrainerCallback):
         for src, name in self.KEYS.items():
             if src in logs:
                 self._add(name, step, logs[src])
-        for name in ("eval_loss", "eval_exact_match", "eval_rougeL"):
+        for name in ("eval_loss", "eval_exact_match", "eval_rougeL", "eval_generation_s"):
             if name in logs:
                 self._add(name, step, logs[name])
         if "loss" in logs:

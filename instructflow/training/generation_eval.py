@@ -13,6 +13,7 @@ cache on for the duration.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +68,7 @@ class GenerationEval:
         if attention == packing.VARLEN:
             inner.set_attn_implementation("sdpa")
         inner.config.use_cache = True
+        began = time.perf_counter()
         try:
             answers = generation.generate(
                 model,
@@ -81,7 +83,9 @@ class GenerationEval:
             if attention == packing.VARLEN:
                 inner.set_attn_implementation(attention)
         scores, _ = text_metrics(answers, self.refs)
-        return {f"eval_{name}": scores[name] for name in METRICS}
+        out = {f"eval_{name}": scores[name] for name in METRICS}
+        # What this costs each evaluation (decoding + scoring), a step metric beside them.
+        return {**out, "eval_generation_s": round(time.perf_counter() - began, 3)}
 
 
 def best_metric(best_by: str, early_stopping: bool) -> tuple[str | None, bool | None]:
