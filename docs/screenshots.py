@@ -6,6 +6,11 @@ Needs Debian's chromium (`apt-get install chromium`) and `pip install playwright
 API only: the browser is Debian's, nothing is downloaded). It starts `instructflow ui` on a
 free port, opens the experiment page, the newest run's metric charts and the compare view of
 the two newest runs, and saves docs/ui/{experiment,run-metrics,compare}.png.
+
+    python docs/screenshots.py --home .instructflow --prefect   # the Prefect UI instead
+
+opens the newest flow run's Artifacts tab in the workspace's Prefect UI (the stages' reports)
+and one of them, evaluate's; saves docs/ui/prefect-{artifacts,evaluate}.png.
 """
 
 from __future__ import annotations
@@ -45,9 +50,12 @@ def main() -> None:
     ap.add_argument("--home", required=True, help="the workspace (INSTRUCTFLOW_HOME)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "ui"), help="where the PNGs go")
     ap.add_argument("--chromium", default="/usr/bin/chromium", help="the browser binary")
+    ap.add_argument("--prefect", action="store_true", help="the Prefect UI's flow run page")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.prefect:
+        return prefect_artifacts(Path(args.home).resolve(), out, args.chromium)
 
     port = free_port()
     env = {**os.environ, "INSTRUCTFLOW_HOME": str(Path(args.home).resolve())}
@@ -93,6 +101,35 @@ def main() -> None:
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+
+def prefect_artifacts(home: Path, out: Path, chromium: str) -> None:
+    """The newest flow run's Artifacts tab: each stage's report (instructflow.prefect_report)."""
+    os.environ["INSTRUCTFLOW_HOME"] = str(home)
+    from instructflow import prefect_server
+
+    api = prefect_server.ensure(home)
+    runs = httpx.post(
+        f"{api}/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1}, timeout=30
+    ).json()
+    url = f"{prefect_server.ui_url(api)}/runs/flow-run/{runs[0]['id']}?tab=Artifacts"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1300})
+        page.goto(url)
+        page.wait_for_load_state("load")
+        time.sleep(5)
+        page.get_by_text("Artifacts", exact=True).last.click(timeout=10000)
+        time.sleep(6)  # the UI fetches the artifacts after the tab opens
+        page.screenshot(path=str(out / "prefect-artifacts.png"), full_page=True)
+        # One report opened: evaluate's base vs fine-tuned table and its caveats.
+        page.get_by_text("instructflow-evaluate", exact=True).first.click(timeout=10000)
+        time.sleep(6)
+        page.screenshot(path=str(out / "prefect-evaluate.png"), full_page=True)
+        browser.close()
+    print(f"{out}/prefect-{{artifacts,evaluate}}.png  <- {url}")
 
 
 def _tidy(page, name: str) -> None:

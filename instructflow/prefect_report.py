@@ -20,6 +20,8 @@ from instructflow.artifacts import ArtifactRef
 # Reporting never changes a stage's output (instructflow.codeid).
 OUTPUT_NEUTRAL = True
 MAX_ROWS = 40
+# The judge's figures (evaluate's metrics and counts): no signal when the judge is untrusted.
+JUDGE_FIGURES = ("judge_", "win_rate", "wins", "ties", "losses")
 log = logging.getLogger(__name__)
 
 
@@ -34,35 +36,48 @@ def _value(v: Any) -> str:
     return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
 
 
-def figures_table(metrics: dict[str, Any], figures: dict[str, Any]) -> list[str]:
-    """Markdown rows: metrics with a `_base` twin as base | fine-tuned, the rest as value."""
+def figures_table(
+    metrics: dict[str, Any], figures: dict[str, Any], flags: dict[str, str] | None = None
+) -> list[str]:
+    """Markdown rows: metrics with a `_base` twin as base | fine-tuned, the rest as value.
+    `flags`: {name prefix: why it carries no signal}, shown beside those names."""
     values = {**figures, **metrics}
+    flags = flags or {}
+
+    def label(k: str) -> str:
+        why = next((w for prefix, w in flags.items() if k.startswith(prefix)), "")
+        return f"{k} ({why})" if why else k
+
     twins = [k for k in values if f"{k}_base" in values]
     lines = []
     if twins:
         lines += ["| metric | base | fine-tuned |", "|---|---|---|"]
-        lines += [f"| {k} | {_value(values[f'{k}_base'])} | {_value(values[k])} |" for k in twins]
+        lines += [
+            f"| {label(k)} | {_value(values[f'{k}_base'])} | {_value(values[k])} |" for k in twins
+        ]
         lines.append("")
     rest = [k for k in values if k not in twins and k.removesuffix("_base") not in twins]
     if rest:
         lines += ["| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {_value(values[k])} |" for k in rest[:MAX_ROWS]]
+        lines += [f"| {label(k)} | {_value(values[k])} |" for k in rest[:MAX_ROWS]]
         if len(rest) > MAX_ROWS:
             lines.append(f"| … | {len(rest) - MAX_ROWS} more in MLflow |")
     return lines
 
 
-def _notes(ref: ArtifactRef) -> list[str]:
-    """What the figures alone would hide: an untrusted judge, a BLEU that measures nothing, the
-    gate's decision and reasons."""
+def _notes(ref: ArtifactRef, flags: dict[str, str]) -> list[str]:
+    """What the figures alone would hide: an untrusted judge, a BLEU that measures nothing (both
+    also added to `flags`), the gate's decision and reasons."""
     notes = []
     bleu = ref.meta.get("tags", {}).get("instructflow.bleu_note")
     if bleu:
         notes.append(f"**BLEU carries no signal here**: {bleu}")
+        flags["bleu"] = "no signal"
     if ref.stage == "evaluate" and ref.file("report.json").is_file():
         judge = json.loads(ref.file("report.json").read_text()).get("judge", {})
         if judge.get("status") and not judge.get("usable", True):
             notes.append(f"**Judge untrusted, its scores not used**: {judge.get('status', '')}")
+            flags.update(dict.fromkeys(JUDGE_FIGURES, "untrusted judge"))
     if ref.file("decision.json").is_file():
         decision = json.loads(ref.file("decision.json").read_text())
         verdict = "promoted to champion" if decision.get("promoted") else "not promoted"
@@ -75,14 +90,16 @@ def _notes(ref: ArtifactRef) -> list[str]:
 
 def stage_markdown(name: str, state: str, seconds: float, ref: ArtifactRef, mlflow: str) -> str:
     meta = ref.meta
+    flags: dict[str, str] = {}
+    notes = _notes(ref, flags)
     lines = [
         f"### {name}: {state} in {seconds:.1f} s",
         "",
         meta.get("summary", "") or "",
         "",
-        *_notes(ref),
+        *notes,
         "",
-        *figures_table(meta.get("metrics", {}), meta.get("figures", {})),
+        *figures_table(meta.get("metrics", {}), meta.get("figures", {}), flags),
         "",
         f"Artifact `{ref.digest[:16]}` · {mlflow}",
     ]

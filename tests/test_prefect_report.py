@@ -62,3 +62,29 @@ def test_each_stage_publishes_its_figures_and_the_gate_its_decision(home):
     assert f"| exact_match | {em_base:.4g} | {em:.4g} |" in published["instructflow-evaluate"]
     assert "**Gate**: not promoted" in published["instructflow-register"]
     assert "unchanged (already registered)" in published["instructflow-register"]
+
+
+def test_figures_without_signal_are_flagged_where_they_are_shown(home):
+    """An untrusted judge's figures and a BLEU on one-word references are labelled, not bare."""
+    import json
+
+    from instructflow.artifacts import write_artifact
+    from instructflow.prefect_report import stage_markdown
+
+    def write(tmp):
+        judge = {"usable": False, "status": "judge untrusted: calibration accuracy 0.40"}
+        (tmp / "report.json").write_text(json.dumps({"judge": judge}))
+        return {
+            "metrics": {"bleu": 0.0, "bleu_base": 0.8, "judge_score": 5.6, "win_rate": 0.5},
+            "figures": {"ties": 16, "test_examples": 80},
+            "tags": {"instructflow.bleu_note": "no signal: references of 1 word"},
+            "summary": "EM 0.86",
+        }
+
+    text = stage_markdown("evaluate", "Completed", 7.1, write_artifact("evaluate", write), "-")
+    assert "**Judge untrusted, its scores not used**: judge untrusted: calibration" in text
+    assert "| bleu (no signal) | 0.8 | 0 |" in text
+    assert "| judge_score (untrusted judge) | 5.6 |" in text
+    assert "| win_rate (untrusted judge) | 0.5 |" in text
+    assert "| ties (untrusted judge) | 16 |" in text
+    assert "| test_examples | 80 |" in text
