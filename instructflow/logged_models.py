@@ -20,6 +20,7 @@ ModelVersion.model_id: the source is the link).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from instructflow.artifacts import ArtifactRef
@@ -69,18 +70,20 @@ def final_model(run_id: str, digest: str):
     return next((m for m in models if m.tags.get(ROLE_TAG) == "final"), None)
 
 
-def log_models(client, run_id: str, ref: ArtifactRef, now: int) -> dict[str, str]:
-    """LoggedModels for the artifact's `models` entries; returns {name: model_id}."""
+def log_models(
+    client, run_id: str, ref: ArtifactRef, now: int, metric_name: Callable[[str, str], str]
+) -> dict[str, str]:
+    """LoggedModels for the artifact's `models` entries; returns {name: model_id}.
+    `metric_name`: the run's naming of a stage's figure (tracking.metric_name, passed in: this
+    module is imported by tracking)."""
     from mlflow.entities import Metric
     from mlflow.entities.logged_model_output import LoggedModelOutput
-
-    from instructflow.tracking import metric_name
 
     entries = ref.meta.get("models") or []
     if not entries:
         return {}
     have = {m.name: m for m in search(client, run_id, ref.digest)}
-    stamps = _timestamps(client, run_id, ref.stage, entries)
+    stamps = _timestamps(client, run_id, ref.stage, entries, metric_name)
     batch, outputs, ids = [], [], {}
     for e in entries:
         name = f"{ref.stage}-{e['name']}"
@@ -119,10 +122,8 @@ def _create(client, run_id: str, ref: ArtifactRef, name: str, entry: dict[str, A
     )
 
 
-def _timestamps(client, run_id: str, stage: str, entries: list[dict]) -> dict:
+def _timestamps(client, run_id: str, stage: str, entries: list[dict], metric_name) -> dict:
     """{(metric, step, value): timestamp} of the run's points the models' metrics repeat."""
-    from instructflow.tracking import metric_name
-
     keys = {metric_name(stage, k) for e in entries for k in e["metrics"]}
     # The earliest: a run that logs the stage again adds later points; the models keep theirs.
     points = sorted(

@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from instructflow import workspace
-from instructflow.prefect_watch import LAST_USE_FILE
+from instructflow.prefect_watch import LAST_USE_FILE, STATE_FILE
 
 # Starting it never changes a stage's output (instructflow.codeid).
 OUTPUT_NEUTRAL = True
-STATE_FILE = "server.json"
 # How long a new server may take to answer. It migrates a new database first: 10-20 s on an
 # idle 2-core machine, but a first run on a loaded one failed at the former 180 s.
 START_TIMEOUT_ENV = "INSTRUCTFLOW_PREFECT_START_TIMEOUT_S"
@@ -219,6 +218,7 @@ def _start(home: Path, hide: tuple[str, ...] = (), limit: float = START_TIMEOUT_
     env.pop("PREFECT_API_URL", None)
     server = [sys.executable, "-m", "prefect", "server", "start"]
     watch = [sys.executable, "-m", "instructflow.prefect_watch", "--home", str(home.resolve())]
+    watch += ["--records", str(registry_dir())]
     idle = idle_s()
     cmd = [*watch, "--port", str(port), "--idle-s", f"{idle:g}", "--", *server]
     with open(log, "ab") as out:

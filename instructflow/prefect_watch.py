@@ -30,6 +30,8 @@ OUTPUT_NEUTRAL = True
 # Touched by prefect_server.ensure() whenever it hands the URL out: the idle time counts from
 # then too, since the run that asked has not connected yet.
 LAST_USE_FILE = "last_use"
+# prefect_server's record of the running server (defined here: that module imports this one).
+STATE_FILE = "server.json"
 
 
 def _connections(port: int) -> int:
@@ -85,16 +87,14 @@ def _say(message: str) -> None:
     print(f"instructflow watch: {message}", flush=True)
 
 
-def _forget(home: Path) -> None:
+def _forget(home: Path, records: Path | None) -> None:
     """Drop the records that point at this server (its workspace state, the per-user one)."""
-    from instructflow import prefect_server
-
-    state_file = home / "prefect" / prefect_server.STATE_FILE
+    state_file = home / "prefect" / STATE_FILE
     with contextlib.suppress(OSError, ValueError):
         if json.loads(state_file.read_text()).get("pid") == os.getpid():
             state_file.unlink()
-    with contextlib.suppress(Exception):
-        (prefect_server.registry_dir() / f"{os.getpid()}.json").unlink(missing_ok=True)
+    if records is not None:
+        (records / f"{os.getpid()}.json").unlink(missing_ok=True)
 
 
 def _stop(child: subprocess.Popen) -> None:
@@ -109,7 +109,9 @@ def _stop(child: subprocess.Popen) -> None:
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-def watch(home: Path, port: int, idle_s: float, poll_s: float, cmd: list[str]) -> int:
+def watch(
+    home: Path, port: int, idle_s: float, poll_s: float, cmd: list[str], records: Path | None
+) -> int:
     from filelock import FileLock
 
     child = subprocess.Popen(cmd)
@@ -123,7 +125,7 @@ def watch(home: Path, port: int, idle_s: float, poll_s: float, cmd: list[str]) -
         if not home.is_dir():
             _say(f"workspace {home} is gone: stopping the server")
             _stop(child)
-            _forget(home)
+            _forget(home, records)
             return 0
         # The idle time counts once it serves (a new database takes seconds to migrate).
         listening = listening or _listening(port)
@@ -138,7 +140,7 @@ def watch(home: Path, port: int, idle_s: float, poll_s: float, cmd: list[str]) -
                 last_busy = time.time()
                 continue
             _say(f"idle for {idle_s:g} s (no run, no client): stopping the server")
-            _forget(home)
+            _forget(home, records)
             _stop(child)
         return 0
 
@@ -149,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--idle-s", type=float, required=True, help="0: never stop when idle")
     p.add_argument("--poll-s", type=float, default=5.0)
+    p.add_argument("--records", type=Path, help="the per-user folder of server records")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the server's command line")
     args = p.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    return watch(args.home.resolve(), args.port, args.idle_s, args.poll_s, cmd)
+    return watch(args.home.resolve(), args.port, args.idle_s, args.poll_s, cmd, args.records)
 
 
 if __name__ == "__main__":

@@ -217,7 +217,8 @@ def log_stage(run_id: str, ref: ArtifactRef, step_metrics: bool = True) -> dict[
         batch += [Metric(key, float(v), now, int(s)) for s, v in series if _num(v)]
     for i in range(0, len(batch), 1000):
         client.log_batch(run_id, metrics=batch[i : i + 1000])
-    logged_models.log_models(client, run_id, ref, now)  # after the curves: same timestamps
+    # After the curves: the models' points reuse their timestamps.
+    logged_models.log_models(client, run_id, ref, now, metric_name)
 
     # Under "<stage>.out." so a stage's own params can never collide with the config's
     # "<stage>.<key>" params (MLflow refuses to change a logged param and fails the run).
