@@ -235,7 +235,8 @@ class PipelineRun:
             "artifact_digest": ref.digest,
             "summary": ref.meta.get("summary", ""),
         }
-        progress.notify("stage_finished", stage=name, **self.stages[name])
+        notes = ref.meta.get("warnings", [])  # the CLI prints them, for Cached stages too
+        progress.notify("stage_finished", stage=name, **self.stages[name], warnings=notes)
         _run_log(f"{name}: {label} in {seconds:.1f} s. {self.stages[name]['summary']}")
         report = prefect_report.stage_markdown(name, label, seconds, ref, self._mlflow_link())
         prefect_report.publish(name, report, f"{name}: {label}. {ref.meta.get('summary', '')}")

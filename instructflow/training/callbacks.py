@@ -74,9 +74,10 @@ class Progress(TrainerCallback):
     `stage_metrics` event to the MLflow run as it arrives, so the UI draws the loss curve
     while training runs."""
 
-    def __init__(self, metrics: StepMetrics, subprocess_mode: bool = False):
+    def __init__(self, metrics: StepMetrics, subprocess_mode: bool = False, stage: str = "train"):
         self.metrics = metrics
         self.subprocess_mode = subprocess_mode
+        self.stage = stage  # distill and distill_baseline train through here too
         self.loss: float | None = None
         self._t0: float | None = None
         self._step0 = 0
@@ -106,7 +107,7 @@ class Progress(TrainerCallback):
         }
         self._sent.update(dict.fromkeys(latest, step))
         if latest:
-            self._emit("stage_metrics", stage="train", step=step, metrics=latest)
+            self._emit("stage_metrics", stage=self.stage, step=step, metrics=latest)
 
     def on_step_end(self, args, state, control, **kw):
         if not state.is_world_process_zero:
@@ -121,7 +122,7 @@ class Progress(TrainerCallback):
             parts.append(f"ETA {per_step * (state.max_steps - state.global_step):.0f} s")
         self._emit(
             "stage_progress",
-            stage="train",
+            stage=self.stage,
             completed=state.global_step,
             total=state.max_steps,
             message=", ".join(parts),
