@@ -99,32 +99,28 @@ def running_url(home: Path | None = None) -> str | None:
     return info["url"] if info and _healthy(info["url"]) else None
 
 
-def start_timeout_s() -> float:
-    """The start-up limit: $INSTRUCTFLOW_PREFECT_START_TIMEOUT_S, else START_TIMEOUT_S."""
-    raw = os.environ.get(START_TIMEOUT_ENV, "").strip()
+def _seconds_env(name: str, default: float, zero_ok: bool, expected: str) -> float:
+    """$name as seconds (default when unset); ServerError in one line when it is not one."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return START_TIMEOUT_S
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = float("nan")
-    if not (value > 0 and value < float("inf")):
-        raise ServerError(f"{START_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    if not ((value >= 0 if zero_ok else value > 0) and value < float("inf")):
+        raise ServerError(f"{name}={raw!r}: expected a number of seconds {expected}")
     return value
+
+
+def start_timeout_s() -> float:
+    """The start-up limit: $INSTRUCTFLOW_PREFECT_START_TIMEOUT_S, else START_TIMEOUT_S."""
+    return _seconds_env(START_TIMEOUT_ENV, START_TIMEOUT_S, False, "> 0")
 
 
 def idle_s() -> float:
     """Seconds unused before a server stops: $INSTRUCTFLOW_PREFECT_IDLE_S, else IDLE_S; 0 never."""
-    raw = os.environ.get(IDLE_ENV, "").strip()
-    if not raw:
-        return IDLE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (value >= 0 and value < float("inf")):
-        raise ServerError(f"{IDLE_ENV}={raw!r}: expected a number of seconds >= 0 (0: never)")
-    return value
+    return _seconds_env(IDLE_ENV, IDLE_S, True, ">= 0 (0: never)")
 
 
 def server_env(base: dict[str, str], hide: tuple[str, ...] = ()) -> dict[str, str]:
