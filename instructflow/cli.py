@@ -324,9 +324,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         report.print_compression(console, compression["artifact_digest"])
     if summary["mlflow_run_id"]:
+        from instructflow import mlflow_view
+
         console.print(
             f"MLflow run [bold]{summary['mlflow_run_id']}[/] — open it with "
-            f"`instructflow ui` (store: {workspace.mlflow_db_uri()})"
+            f"`instructflow ui` (store: {workspace.mlflow_db_uri()}): "
+            + mlflow_view.run_url(
+                "http://127.0.0.1:5000", view.ids.get("experiment_id", ""), summary["mlflow_run_id"]
+            ),
+            soft_wrap=True,
         )
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))

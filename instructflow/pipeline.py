@@ -70,6 +70,7 @@ class PipelineRun:
         self.stopped = False
         self.current: str | None = None  # the stage or helper running now
         self.live_logged: set[str] = set()  # stages whose step metrics reached MLflow live
+        self.comparison: list[str] = []  # evaluate's base | fine-tuned rows, for the run page
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> PipelineRun:
@@ -141,7 +142,10 @@ class PipelineRun:
         mlflow.log_dict(self.cfg.model_dump(mode="json", by_alias=True), "config/resolved.json")
         progress.subscribe(self._live_metrics)
         progress.notify(
-            "run_started", mlflow_run_id=self.mlflow_run_id, flow_run_id=self.flow_run_id
+            "run_started",
+            mlflow_run_id=self.mlflow_run_id,
+            flow_run_id=self.flow_run_id,
+            experiment_id=self.experiment_id,
         )
         return self
 
@@ -239,6 +243,8 @@ class PipelineRun:
         progress.notify("stage_finished", stage=name, **self.stages[name], warnings=notes)
         _run_log(f"{name}: {label} in {seconds:.1f} s. {self.stages[name]['summary']}")
         report = prefect_report.stage_markdown(name, label, seconds, ref, self._mlflow_link())
+        if name == "evaluate":
+            self.comparison = prefect_report.comparison_markdown(ref)
         prefect_report.publish(name, report, f"{name}: {label}. {ref.meta.get('summary', '')}")
         if self.until == name:
             self.stopped = True
@@ -322,6 +328,9 @@ class PipelineRun:
             detail = (row.get("summary") or row.get("error") or "").replace("|", "/")
             secs_text = f"{secs:.1f}" if isinstance(secs, int | float) else ""
             lines.append(f"| {name} | {row.get('state', '')} | {secs_text} | {detail} |")
+        if self.comparison:
+            lines += ["", "**Base vs fine-tuned** (evaluate; chart: `evaluate/base_vs_tuned`)", ""]
+            lines += self.comparison
         return "\n".join(lines)
 
     def summary(self) -> dict[str, Any]:
