@@ -147,6 +147,11 @@ def _tidy(page, name: str) -> None:
         page.locator("[aria-label='Close']").last.click(timeout=3000)
     except Exception:
         pass
+    if name == "run-overview":
+        try:  # the description (base | fine-tuned, then the stages) in full
+            page.get_by_text("Show more", exact=True).first.click(timeout=3000)
+        except Exception:
+            pass
     if name == "run-metrics":
         try:
             page.get_by_placeholder("Search metric charts").fill("train/", timeout=3000)

@@ -318,6 +318,11 @@ class PipelineRun:
         lines = [
             f"**instructflow run**: {status.lower()}, config `{self.config_path or 'defaults'}`",
             "",
+        ]
+        if self.comparison:  # first: the page shows a description's first lines only
+            lines += ["**Base vs fine-tuned** (evaluate; chart: `evaluate/base_vs_tuned`)", ""]
+            lines += [*self.comparison, ""]
+        lines += [
             "| stage | state | seconds | figures |",
             "|---|---|---|---|",
         ]
@@ -328,9 +333,6 @@ class PipelineRun:
             detail = (row.get("summary") or row.get("error") or "").replace("|", "/")
             secs_text = f"{secs:.1f}" if isinstance(secs, int | float) else ""
             lines.append(f"| {name} | {row.get('state', '')} | {secs_text} | {detail} |")
-        if self.comparison:
-            lines += ["", "**Base vs fine-tuned** (evaluate; chart: `evaluate/base_vs_tuned`)", ""]
-            lines += self.comparison
         return "\n".join(lines)
 
     def summary(self) -> dict[str, Any]:
