@@ -4,8 +4,10 @@
 
 Needs Debian's chromium (`apt-get install chromium`) and `pip install playwright` (its Python
 API only: the browser is Debian's, nothing is downloaded). It starts `instructflow ui` on a
-free port, opens the experiment page, the newest run's metric charts and the compare view of
-the two newest runs, and saves docs/ui/{experiment,run-metrics,compare}.png.
+free port, opens the links instructflow prints (the experiment's runs with the stored columns,
+the newest run's overview with its base vs fine-tuned table), that run's metric charts and
+base_vs_tuned.png, and the compare view of the two newest runs; saves docs/ui/{experiment,
+run-overview,run-metrics,base-vs-tuned,compare}.png.
 
     python docs/screenshots.py --home .instructflow --prefect   # the Prefect UI instead
 
@@ -78,12 +80,18 @@ def main() -> None:
             json={"experiment_ids": [exp["experiment_id"]], "order_by": ["start_time DESC"]},
         ).json()["runs"]
         ids = [r["info"]["run_id"] for r in runs[:2]]
+        from instructflow import mlflow_view
+
+        exp_id = exp["experiment_id"]
+        run = mlflow_view.run_url(base, exp_id, ids[0])
         pages = {
-            "experiment": f"{base}/#/experiments/{exp['experiment_id']}/runs",
-            "run-metrics": f"{base}/#/experiments/{exp['experiment_id']}/runs/{ids[0]}"
-            "/model-metrics",
+            # The links instructflow prints: "Model training", the stored columns.
+            "experiment": mlflow_view.experiment_url(base, exp_id),
+            "run-overview": run,
+            "run-metrics": run.replace("?", "/model-metrics?"),
+            "base-vs-tuned": run.replace("?", "/artifacts/evaluate/base_vs_tuned.png?"),
             "compare": f"{base}/#/compare-runs?runs={json.dumps(ids)}"
-            f"&experiments={json.dumps([exp['experiment_id']])}",
+            f"&experiments={json.dumps([exp_id])}&workflowType=machine_learning",
         }
         from playwright.sync_api import sync_playwright
 
@@ -139,6 +147,11 @@ def _tidy(page, name: str) -> None:
         page.locator("[aria-label='Close']").last.click(timeout=3000)
     except Exception:
         pass
+    if name == "run-overview":
+        try:  # the description (base | fine-tuned, then the stages) in full
+            page.get_by_text("Show more", exact=True).first.click(timeout=3000)
+        except Exception:
+            pass
     if name == "run-metrics":
         try:
             page.get_by_placeholder("Search metric charts").fill("train/", timeout=3000)

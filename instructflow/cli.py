@@ -51,17 +51,24 @@ class RunView:
         self.step: dict[str, str] = {}
         self.printed: dict[str, float] = {}
         self.metrics: dict[str, float] = {}  # every stage's figures, by metric name
+        self.current: str | None = None  # the stage or helper started last (shown or not)
+        self.waiting: str | None = None  # a wait outside any row (e.g. the tokenizer's)
         self.live = None
 
     def __call__(self, event: str, payload: dict[str, Any]) -> None:
+        from rich.markup import escape  # paths and data in a line are text, not markup
+
         if event == "run_started":
             self.ids = payload
         elif event == "run_finished":
             self.metrics = payload.get("metrics") or {}
-        elif event == "stage_started" and payload["stage"] in self.rows:
-            stage = payload["stage"]
-            self.started[stage] = time.perf_counter()
-            self.rows[stage] = {"state": "Running"}
+        elif event == "stage_started":
+            self.current = payload["stage"]
+            if self.current in self.rows:
+                self.started[self.current] = time.perf_counter()
+                self.rows[self.current] = {"state": "Running"}
+        elif event == "waiting":
+            self._waiting(payload)
         elif event == "stage_progress" and payload["stage"] in self.rows:
             stage = payload["stage"]
             done, total = payload.get("completed"), payload.get("total")
@@ -81,10 +88,33 @@ class RunView:
             self.step.pop(stage, None)
             if not self.live_enabled:
                 self.console.print(self._line(stage))
-        elif event == "warning" and not self.live_enabled:
+            # The stage's own notes (tokenize's length drops): printed whether it ran or was
+            # Cached, so a rerun still says why rows are missing.
+            for note in payload.get("warnings") or ():
+                self.console.print(f"[yellow]warning[/]: {stage}: {escape(note)}")
+        elif event == "warning":
+            # Above the live table too (rich prints it there), not only in logs.
             self.console.print(f"[yellow]warning[/]: {payload.get('message')}")
-        if self.live is not None:
-            self.live.update(self.table())
+
+    def _waiting(self, payload: dict[str, Any]) -> None:
+        """A lock wait (instructflow.waits), once a second: on the running stage's row, or
+        under the table when what waits is no row (the tokenizer, the MLflow store)."""
+        from rich.markup import escape
+
+        text = None if payload.get("done") else payload.get("message")
+        who = payload.get("stage") or self.current
+        if who in self.rows:
+            if text:
+                self.step[who] = text
+            else:
+                self.step.pop(who, None)
+        else:
+            self.waiting = f"{who}: {text}" if who and text else text
+        now = time.perf_counter()
+        key = f"waiting:{who}"
+        if text and not self.live_enabled and now - self.printed.get(key, 0.0) >= PLAIN_EVERY_S:
+            self.printed[key] = now
+            self.console.print(f"{who or 'run':<9} Running   {escape(text)}")
 
     def _line(self, stage: str) -> str:
         row = self.rows[stage]
@@ -96,6 +126,7 @@ class RunView:
     def table(self, final: bool = False):
         """The stage table: live (each figure cut to 80 characters so the view stays one
         screen) or final (whole figures, folded within the column)."""
+        from rich.markup import escape
         from rich.table import Table
 
         colors = {
@@ -123,15 +154,22 @@ class RunView:
                 f"{secs:.1f}" if isinstance(secs, int | float) else "",
                 str(detail) if final else str(detail)[:80],
             )
+        if self.waiting and not final:
+            table.caption = escape(self.waiting)
         return table
 
     def __enter__(self):
         if self.live_enabled:
             from rich.live import Live
 
-            # Transient: the final table is printed once, after the live one is gone.
+            # Transient: the final table is printed once, after the live one is gone. Redrawn
+            # from the rows at each refresh, so a Running stage's seconds tick between
+            # events (a stage waiting on another run's lock sends one a second, others less).
             self.live = Live(
-                self.table(), console=self.console, refresh_per_second=4, transient=True
+                console=self.console,
+                refresh_per_second=4,
+                transient=True,
+                get_renderable=self.table,
             )
             self.live.__enter__()
         return self
@@ -286,9 +324,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         report.print_compression(console, compression["artifact_digest"])
     if summary["mlflow_run_id"]:
+        from instructflow import mlflow_view
+
         console.print(
             f"MLflow run [bold]{summary['mlflow_run_id']}[/] — open it with "
-            f"`instructflow ui` (store: {workspace.mlflow_db_uri()})"
+            f"`instructflow ui` (store: {workspace.mlflow_db_uri()}): "
+            + mlflow_view.run_url(
+                "http://127.0.0.1:5000", view.ids.get("experiment_id", ""), summary["mlflow_run_id"]
+            ),
+            soft_wrap=True,
         )
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))

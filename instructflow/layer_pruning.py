@@ -46,14 +46,14 @@ def root() -> Path:
 
 def pruned(source: Path, source_identity: str, keep: int) -> Path:
     """The folder of `source` (a transformers model folder) with `keep` layers kept."""
-    from filelock import FileLock
-
+    from instructflow import waits
     from instructflow.artifacts import folder_intact
 
     key = hashlib.sha256(json.dumps([source_identity, keep]).encode()).hexdigest()[:24]
     folder = root() / f"{Path(source).name[:40]}-{keep}L-{key}"
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder.parent / f"{folder.name}.lock"), timeout=3600):
+    what = f"pruning {Path(source).name} to {keep} layers"
+    with waits.cache_lock(folder.parent / f"{folder.name}.lock", what, 3600):
         if folder.is_dir() and folder_intact(folder):
             return folder
         shutil.rmtree(folder, ignore_errors=True)

@@ -70,6 +70,7 @@ class PipelineRun:
         self.stopped = False
         self.current: str | None = None  # the stage or helper running now
         self.live_logged: set[str] = set()  # stages whose step metrics reached MLflow live
+        self.comparison: list[str] = []  # evaluate's base | fine-tuned rows, for the run page
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> PipelineRun:
@@ -141,7 +142,10 @@ class PipelineRun:
         mlflow.log_dict(self.cfg.model_dump(mode="json", by_alias=True), "config/resolved.json")
         progress.subscribe(self._live_metrics)
         progress.notify(
-            "run_started", mlflow_run_id=self.mlflow_run_id, flow_run_id=self.flow_run_id
+            "run_started",
+            mlflow_run_id=self.mlflow_run_id,
+            flow_run_id=self.flow_run_id,
+            experiment_id=self.experiment_id,
         )
         return self
 
@@ -235,9 +239,12 @@ class PipelineRun:
             "artifact_digest": ref.digest,
             "summary": ref.meta.get("summary", ""),
         }
-        progress.notify("stage_finished", stage=name, **self.stages[name])
+        notes = ref.meta.get("warnings", [])  # the CLI prints them, for Cached stages too
+        progress.notify("stage_finished", stage=name, **self.stages[name], warnings=notes)
         _run_log(f"{name}: {label} in {seconds:.1f} s. {self.stages[name]['summary']}")
         report = prefect_report.stage_markdown(name, label, seconds, ref, self._mlflow_link())
+        if name == "evaluate":
+            self.comparison = prefect_report.comparison_markdown(ref)
         prefect_report.publish(name, report, f"{name}: {label}. {ref.meta.get('summary', '')}")
         if self.until == name:
             self.stopped = True
@@ -311,6 +318,11 @@ class PipelineRun:
         lines = [
             f"**instructflow run**: {status.lower()}, config `{self.config_path or 'defaults'}`",
             "",
+        ]
+        if self.comparison:  # first: the page shows a description's first lines only
+            lines += ["**Base vs fine-tuned** (evaluate; chart: `evaluate/base_vs_tuned`)", ""]
+            lines += [*self.comparison, ""]
+        lines += [
             "| stage | state | seconds | figures |",
             "|---|---|---|---|",
         ]

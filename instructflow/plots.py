@@ -79,6 +79,52 @@ def score_histograms(columns: dict[str, list[Any]], path: Path) -> None:
     _save(fig, path, 90)
 
 
+def base_vs_tuned(metrics: dict[str, Any], path: Path) -> bool:
+    """Each score of the base and the fine-tuned model side by side, numbers printed on the
+    bars (a base's 0.00 shows as "0.00", not as an empty chart); perplexity on its own axis
+    (lower is better, another scale). False, and no file, when the base was not evaluated."""
+    scores = [("exact_match", "exact match"), ("exact_match_normalized", "EM normalized")]
+    scores += [("rougeL", "ROUGE-L F1"), ("bertscore_f1", "BERTScore F1")]
+    scores += [(k, f"EM {k[3:]}") for k in sorted(metrics) if k.startswith("em.")]
+    scores = [
+        (k, label)
+        for k, label in scores
+        if not k.endswith("_base") and _finite(metrics.get(k)) and _finite(metrics.get(k + "_base"))
+    ]
+    if not scores:
+        return False
+    perplexity = _finite(metrics.get("perplexity")) and _finite(metrics.get("perplexity_base"))
+    fig = _figure(9 if perplexity else 6.5, 0.5 * len(scores) + 1.4)
+    grid = fig.add_gridspec(1, 2, width_ratios=[3, 1]) if perplexity else fig.add_gridspec(1, 1)
+    ax = fig.add_subplot(grid[0])
+    rows = range(len(scores))
+    for offset, (suffix, label, color) in enumerate(
+        (("_base", "base", "#9e9e9e"), ("", "fine-tuned", "#1f77b4"))
+    ):
+        values = [metrics[k + suffix] for k, _ in scores]
+        y = [r + (offset - 0.5) * 0.38 for r in rows]
+        bars = ax.barh(y, values, height=0.36, label=label, color=color)
+        ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=8)
+    ax.set_yticks(list(rows), [label for _, label in scores])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.12)
+    ax.set_title("base vs fine-tuned (higher is better)")
+    ax.legend(loc="lower right", fontsize=8)
+    if perplexity:
+        pax = fig.add_subplot(grid[1])
+        values = [metrics["perplexity_base"], metrics["perplexity"]]
+        bars = pax.bar(["base", "fine-tuned"], values, color=["#9e9e9e", "#1f77b4"])
+        pax.bar_label(bars, fmt="%.4g", padding=2, fontsize=8)
+        pax.set_yscale("log")
+        pax.set_title("perplexity\n(lower is better)")
+    _save(fig, path, 100)
+    return True
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def method_tradeoff(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Quality against the share of trained parameters, one point per method (the sweep)."""
     fig = _figure(6.5, 4)

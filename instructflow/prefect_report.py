@@ -15,6 +15,7 @@ import logging
 import re
 from typing import Any
 
+from instructflow import mlflow_view
 from instructflow.artifacts import ArtifactRef
 
 # Reporting never changes a stage's output (instructflow.codeid).
@@ -88,6 +89,16 @@ def _notes(ref: ArtifactRef, flags: dict[str, str]) -> list[str]:
     return notes
 
 
+def comparison_markdown(ref: ArtifactRef) -> list[str]:
+    """Evaluate's base | fine-tuned rows with their no-signal labels and notes (the MLflow
+    run's description shows them: its UI draws a base's 0.00 as an empty chart)."""
+    flags: dict[str, str] = {}
+    notes = [n for n in _notes(ref, flags) if not n.startswith(("**Gate**", "- "))]
+    metrics = ref.meta.get("metrics", {})
+    twins = {k: v for k, v in metrics.items() if f"{k}_base" in metrics or k.endswith("_base")}
+    return [*notes, "", *figures_table(twins, {}, flags)] if twins else []
+
+
 def stage_markdown(name: str, state: str, seconds: float, ref: ArtifactRef, mlflow: str) -> str:
     meta = ref.meta
     flags: dict[str, str] = {}
@@ -111,7 +122,7 @@ def mlflow_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     `instructflow ui` serves by default)."""
     remote = tracking_uri.startswith(("http://", "https://"))
     base = tracking_uri.rstrip("/") if remote else "http://127.0.0.1:5000"
-    link = f"[MLflow run {run_id[:8]}]({base}/#/experiments/{experiment_id}/runs/{run_id})"
+    link = f"[MLflow run {run_id[:8]}]({mlflow_view.run_url(base, experiment_id, run_id)})"
     return link if remote else f"{link} (`instructflow ui`)"
 
 

@@ -27,3 +27,8 @@ def notify(event: str, **payload: Any) -> None:
             listener(event, payload)
         except Exception:  # a broken display must never break a run
             pass
+
+
+def listening() -> bool:
+    """Whether anything draws events now (a pipeline run); else a caller may print instead."""
+    return bool(_listeners)

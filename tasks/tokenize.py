@@ -280,7 +280,8 @@ def encode_rows(
         enc = encode_offsets(backend, segs, prefix, suffix)
         method = "offsets"
     table, counts = to_table(enc, cfg)
-    return table, {**counts, "method": method, "engine": enc.engine}
+    # Every row's full length, kept or not: what a too-small max_length is judged against.
+    return table, {**counts, "method": method, "engine": enc.engine, "input_lengths": enc.lengths}
 
 
 def split_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
@@ -323,19 +324,20 @@ def join_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def tokenize_split(
     path: Path, out: Path, tokenizer, cfg: TokenizeConfig, backend, ray: RayConfig | None
-) -> tuple[dict[str, Any], np.ndarray, int]:
+) -> tuple[dict[str, Any], np.ndarray, int, np.ndarray]:
     """Encode one split file and save it to `out`, each batch as soon as it is encoded:
-    (counts, row lengths, how many Ray nodes took part)."""
+    (counts, kept rows' lengths, how many Ray nodes took part, every input row's length)."""
     writer = ShardedSave(out)
-    counts, lengths, nodes = [], [], 0
+    counts, lengths, inputs, nodes = [], [], [], 0
     for table, batch_counts, used in encoded_batches(path, tokenizer, cfg, backend, ray):
         writer.add(table)
+        inputs.append(np.asarray(batch_counts.pop("input_lengths")))
         counts.append(batch_counts)
         lengths.append(table.column("length").to_numpy())
         nodes = max(nodes, used)
         del table  # saved: free it before the next batch is encoded
     writer.close()
-    return join_counts(counts), np.concatenate(lengths), nodes
+    return join_counts(counts), np.concatenate(lengths), nodes, np.concatenate(inputs)
 
 
 def hash_buffers(h, table) -> None:
@@ -418,6 +420,62 @@ def length_stats(lengths: np.ndarray) -> dict[str, float]:
     }
 
 
+def input_length_stats(lengths: np.ndarray) -> dict[str, float]:
+    """The data's own token lengths, before anything is dropped or cut."""
+    if len(lengths) == 0:
+        return {"input_p95_length": 0.0, "input_p99_length": 0.0, "input_max_length": 0}
+    return {
+        "input_p95_length": float(np.percentile(lengths, 95)),
+        "input_p99_length": float(np.percentile(lengths, 99)),
+        "input_max_length": int(lengths.max()),
+    }
+
+
+def model_limit(tokenizer) -> int | None:
+    """The tokenizer's model_max_length when it is a real limit (hub tokenizers without one
+    carry a ~1e30 sentinel)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+
+
+def _round_up(n: float) -> int:
+    """A max_length worth typing: to 8 tokens while short, to 64 above 128."""
+    step = 8 if n <= 128 else 64
+    return int(-(-int(np.ceil(n)) // step) * step)
+
+
+def length_note(
+    lengths: np.ndarray, cfg: TokenizeConfig, total: dict[str, int], limit: int | None
+) -> str | None:
+    """One line when rows were dropped (or cut) for tokenize.max_length: how many, the
+    limit, the data's lengths against it and the override that keeps them; None otherwise.
+    The suggestion is the longest row rounded up, or the p99 when the longest is an outlier
+    (over 1.5x the p99), never above the tokenizer's own limit."""
+    hit = total["dropped_too_long"] or total["truncated"]
+    if not hit or len(lengths) == 0:
+        return None
+    n, stats = len(lengths), input_length_stats(lengths)
+    p95, p99, longest = stats["input_p95_length"], stats["input_p99_length"], int(lengths.max())
+    suggest = _round_up(longest if longest <= 1.5 * p99 else p99)
+    if limit and suggest > limit:
+        suggest = limit
+    kept = float((lengths <= suggest).mean())
+    whole = "" if total["dropped_too_long"] else " whole"
+    kept_txt = f"all of them{whole}" if kept == 1 else f"{100 * kept:.1f} % of all rows{whole}"
+    cap = " (the tokenizer's limit)" if suggest == limit else ""
+    how = "dropped" if total["dropped_too_long"] else "cut to fit"
+    line = (
+        f"{hit} of {n} rows ({100 * hit / n:.1f} %) {how}: longer than tokenize.max_length="
+        f"{cfg.max_length} tokens (the data's token lengths: p95 {p95:.0f}, p99 {p99:.0f}, "
+        f"max {longest}); --set tokenize.max_length={suggest}{cap} keeps {kept_txt}"
+    )
+    if suggest <= cfg.max_length:  # nothing longer fits the tokenizer
+        line = line.rsplit("; ", 1)[0] + f"; the tokenizer reads at most {limit} tokens"
+    if total["dropped_too_long"]:
+        line += " (or --set tokenize.truncation=truncate cuts them instead of dropping them)"
+    return line
+
+
 def tokenize(
     splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig, ray: RayConfig | None = None
 ) -> ArtifactRef:
@@ -432,10 +490,14 @@ def tokenize(
             "splits": {},
         }
         lengths: dict[str, np.ndarray] = {}
+        inputs: list[np.ndarray] = []
         nodes = 0
         for name in SPLITS:
             path = splits.file(f"{name}.jsonl")
-            counts, lengths[name], used = tokenize_split(path, tmp / name, tok, cfg, backend, ray)
+            counts, lengths[name], used, full = tokenize_split(
+                path, tmp / name, tok, cfg, backend, ray
+            )
+            inputs.append(full)
             nodes = max(nodes, used)
             report["splits"][name] = {**counts, **length_stats(lengths[name])}
         parts = report["splits"].values()
@@ -449,16 +511,23 @@ def tokenize(
             "trainable_fraction": round(total["trainable_tokens"] / max(total["tokens"], 1), 4),
             **{f"rows_{name}": report["splits"][name]["rows"] for name in SPLITS},
         }
+        input_lengths = np.concatenate(inputs)
+        metrics.update(input_length_stats(input_lengths))
         report.update(metrics)
+        note = length_note(input_lengths, cfg, total, model_limit(tok))
         report["method"] = sorted({p["method"] for p in parts})
         report["engine"] = sorted({p["engine"] for p in parts})
         (tmp / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
         plots.token_lengths(lengths, cfg.max_length, tmp / "token_hist.png")
         if total["rows"] == 0 or report["splits"]["train"]["rows"] == 0:
-            raise ValueError(
-                f"no training examples left: {total['dropped_too_long']} longer than "
-                f"tokenize.max_length={cfg.max_length} (raise it or use truncation: truncate)"
+            why = note or (
+                f"{total['dropped_too_long']} longer than tokenize.max_length={cfg.max_length}, "
+                f"{total['dropped_no_target']} with no answer token to train on"
             )
+            raise ValueError(f"no training examples left: {why}")
+        summary = f"{total['rows']} examples, {total['tokens']} tokens"
+        if note is None:
+            summary += f" (p95 {metrics['p95_length']:.0f}), 0 too long"
         return {
             "figures": metrics,
             # Where it ran is meta, not content: the files are the same on either engine.
@@ -468,10 +537,9 @@ def tokenize(
                 **({"ray_nodes": nodes} if ray else {}),
             },
             "log_files": ["report.json", "token_hist.png"],
-            "summary": (
-                f"{total['rows']} examples, {total['tokens']} tokens "
-                f"(p95 {metrics['p95_length']:.0f}), {total['dropped_too_long']} too long"
-            ),
+            "summary": f"{summary}; {note}" if note else summary,
+            # Printed by the CLI (instructflow.pipeline forwards them), Cached runs included.
+            "warnings": [note] if note else [],
         }
 
     return write_artifact("tokenize", write)

@@ -57,6 +57,7 @@ def train(
     key = work_key(tokenized, base, tokenizer, cfg, teacher)
     work = workspace.work_dir(stage, key)
     spec = {
+        "stage": stage,
         "distill": teacher,
         "tokenized": tokenized.path,
         "base": base.model_dump(),

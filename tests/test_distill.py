@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -225,3 +226,45 @@ def test_a_sigkilled_student_resumes_from_its_last_checkpoint(inputs):
     logged = [s for s, _ in ref.meta["step_metrics"]["loss"]]
     assert logged == list(range(killed_at + 1, steps + 1))
     assert json.loads(ref.file("train.json").read_text())["distill"]["alpha"] == 0.7
+
+
+def test_distill_reports_progress_on_its_own_row_and_a_ctrl_c_names_it(inputs):
+    from instructflow import progress
+    from instructflow.interrupts import Interrupted
+
+    tokenized, logits, student_base, tok_ref = inputs
+    cfg = TrainConfig(
+        method="full",
+        max_steps=40,
+        per_device_batch_size=4,
+        save_steps=100,
+        eval_steps=100,
+        logging_steps=1,
+    )
+    events: list[tuple[str, dict]] = []
+
+    def listen(event: str, payload: dict) -> None:
+        if event in ("stage_progress", "stage_metrics"):
+            events.append((event, dict(payload)))
+        if event == "stage_progress" and (payload["stage"], payload["completed"]) == ("distill", 3):
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, three steps in
+
+    progress.subscribe(listen)
+    try:
+        with pytest.raises(Interrupted) as stop:
+            distill(tokenized, logits, student_base, tok_ref, cfg, 0.7, 2.0)
+        baseline_cfg = cfg.model_copy(update={"max_steps": 2})
+        distill(tokenized, None, student_base, tok_ref, baseline_cfg, 0.0, None)
+    finally:
+        progress.unsubscribe(listen)
+    said = "interrupted during distill (checkpoint at step 3; run again to resume)"
+    assert stop.value.line() == said
+    steps = [p for e, p in events if e == "stage_progress" and p["stage"] == "distill"]
+    assert [(p["completed"], p["total"]) for p in steps] == [(1, 40), (2, 40), (3, 40)]
+    assert re.fullmatch(r"loss \d+\.\d{3}, [\d,]+ tok/s, ETA \d+ s", steps[-1]["message"])
+    # Every figure went to the stage that made it: no student step lands on the train row.
+    assert {p["stage"] for _, p in events} == {"distill", "distill_baseline"}
+    assert {e for e, p in events if p["stage"] == "distill_baseline"} == {
+        "stage_progress",
+        "stage_metrics",
+    }

@@ -24,6 +24,7 @@ SETS = [
     "train.per_device_batch_size=2",
     "train.save_steps=1000",  # no scheduled checkpoint: the interrupt's is the only one
     "train.eval_steps=1000",
+    "train.logging_steps=1",  # curves from the first step: the resumed run shows them whole
     "evaluate.max_examples=4",
     "evaluate.max_new_tokens=4",
     "judge.backend=none",
@@ -100,3 +101,14 @@ def test_signal_during_training_checkpoints_ends_every_run_and_the_rerun_resumes
     train_dir = home / "artifacts" / "train" / second["stages"]["train"]["artifact_digest"]
     info = json.loads((train_dir / "train.json").read_text())
     assert info["metrics"]["resumed_from_step"] == step
+
+    # The resumed run's MLflow curves are whole: the killed run's steps, then the rest.
+    store = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    for name in ("train/loss", "train/useful_tokens_per_s"):
+        before = {m.step: m.value for m in store.get_metric_history(first["mlflow_run_id"], name)}
+        after = {m.step: m.value for m in store.get_metric_history(second["mlflow_run_id"], name)}
+        kept = {s: v for s, v in before.items() if s <= step}
+        assert kept, (name, before)
+        assert {s: after.get(s) for s in kept} == pytest.approx(kept), name
+        assert max(after) > step, (name, after)
+    assert [s for s, _ in info["step_metrics"]["loss"]][0] == min(kept)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -234,3 +235,79 @@ def test_small_batches_save_one_shard_each_with_the_one_batch_rows_and_figures(h
     save_table(encode_rows(rows, load_tokenizer(tokenizer), small_cfg)[0], tmp_path / "one")
     one = {f.name: f.read_bytes() for f in (tmp_path / "one").iterdir()}
     assert {f.name: f.read_bytes() for f in small.file("validation").iterdir()} == one
+
+
+def test_rows_longer_than_the_limit_are_explained_with_the_lengths_and_the_override(home):
+    from instructflow.config import ModelConfig
+    from tasks.base_model import prepare_tokenizer
+
+    splits, tokenizer = demo_split(120), prepare_tokenizer(ModelConfig())
+    cfg = TokenizeConfig(template="chatml", max_length=24)  # demo rows run 14-34 tokens
+    ref = tokenize(splits, tokenizer, cfg)
+    m = ref.figures
+    dropped = m["dropped_too_long"]
+    assert 0 < dropped < 120 and m["rows"] == 120 - dropped
+    # Where each split's drops were recorded before, they still are.
+    report = json.loads(ref.file("report.json").read_text())
+    assert sum(s["dropped_too_long"] for s in report["splits"].values()) == dropped
+    (note,) = ref.meta["warnings"]
+    assert ref.meta["summary"] == f"{m['rows']} examples, {m['tokens']} tokens; {note}"
+    assert note.startswith(
+        f"{dropped} of 120 rows ({100 * dropped / 120:.1f} %) dropped: longer than "
+        f"tokenize.max_length=24 tokens (the data's token lengths: "
+        f"p95 {m['input_p95_length']:.0f}, p99 {m['input_p99_length']:.0f}, "
+        f"max {m['input_max_length']}); --set tokenize.max_length="
+    )
+    assert note.endswith(
+        " keeps all of them (or --set tokenize.truncation=truncate cuts them instead of "
+        "dropping them)"
+    )
+    suggested = int(re.search(r"--set tokenize.max_length=(\d+) keeps", note).group(1))
+    assert m["input_max_length"] <= suggested < m["input_max_length"] + 8
+    # The override it names does keep every row, and then there is nothing to say.
+    again = tokenize(splits, tokenizer, cfg.model_copy(update={"max_length": suggested}))
+    assert again.figures["rows"] == 120 and again.meta["warnings"] == []
+
+
+def test_the_cli_warns_about_length_drops_when_tokenize_runs_and_when_cached(home):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flows.run import run_finetune
+    from instructflow import cli, progress
+
+    sets = ["data.demo_rows=60", "tokenize.max_length=80"]  # demo rows run ~40-100 tokens
+    finished: list[dict] = []
+
+    def listen(event: str, payload: dict) -> None:
+        if event == "stage_finished" and payload.get("stage") == "tokenize":
+            finished.append(dict(payload))
+
+    # The run that tokenizes (in-process: a CLI start is 5-10 s more), then the CLI's rerun,
+    # where tokenize is Cached and the warning must still be printed.
+    progress.subscribe(listen)
+    try:
+        first = run_finetune(cli.resolve_config(cli.DEFAULT_CONFIG), sets, "tokenize")
+    finally:
+        progress.unsubscribe(listen)
+    assert first["stages"]["tokenize"]["state"] == "Completed"
+    (note,) = finished[0]["warnings"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [sys.executable, "-m", "instructflow.cli", "--home", str(home), "run", "--plain"]
+    cmd += ["--until", "tokenize", *(a for item in sets for a in ("--set", item))]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(re.match(r"tokenize\s+Cached\s", ln) for ln in lines), out.stdout
+    assert [ln for ln in lines if ln.startswith("warning: tokenize: ")] == [
+        f"warning: tokenize: {note}"
+    ]
+    assert re.match(
+        r"\d+ of \d+ rows \(\d+\.\d %\) dropped: longer than tokenize\.max_length=80 tokens "
+        r"\(the data's token lengths: p95 \d+, p99 \d+, max \d+\); "
+        r"--set tokenize\.max_length=\d+ keeps ",
+        note,
+    ), note

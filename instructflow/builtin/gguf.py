@@ -101,37 +101,31 @@ def converted(gguf: Path, progress: Progress | None = None) -> Path:
 
 
 def _converted(gguf: Path, sha: str, progress: Progress | None) -> Path:
-    from filelock import FileLock, Timeout
+    from instructflow import waits
 
     folder = target_dir(sha, gguf.name[: -len(SUFFIX)])
     folder.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder.parent / f"{folder.name}.lock"))
+    lock = folder.parent / f"{folder.name}.lock"
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if progress:
-            progress(f"waiting up to {LOCK_TIMEOUT_S} s for another process converting {gguf.name}")
-        try:
-            lock.acquire(timeout=LOCK_TIMEOUT_S)
-        except Timeout:
-            raise GGUFError(
-                f"{gguf}: waited {LOCK_TIMEOUT_S} s for {lock.lock_file}; if no other "
-                "instructflow process is converting it, delete that file"
-            ) from None
+        with waits.cache_lock(lock, f"converting {gguf.name}", LOCK_TIMEOUT_S):
+            return _convert_once(gguf, sha, folder, progress)
+    except waits.LockTimeout as exc:
+        raise GGUFError(str(exc)) from None
+
+
+def _convert_once(gguf: Path, sha: str, folder: Path, progress: Progress | None) -> Path:
+    """Under the folder's lock: the intact folder, or a fresh conversion renamed into place."""
+    if folder.is_dir():
+        if intact(folder):
+            return folder
+        shutil.rmtree(folder, ignore_errors=True)  # half-written or edited: convert again
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
-        if folder.is_dir():
-            if intact(folder):
-                return folder
-            shutil.rmtree(folder, ignore_errors=True)  # half-written or edited: convert again
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-        try:
-            _convert(gguf, sha, tmp, progress)
-            os.rename(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    finally:
-        lock.release()
+        _convert(gguf, sha, tmp, progress)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder
 
 

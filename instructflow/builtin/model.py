@@ -159,7 +159,7 @@ def cached_tokenizer_dir() -> Path:
     """The folder of `build_tokenizer()` in the per-user cache (built there on first use):
     training the BPE takes ~1 s and every run needs it. Keyed by the corpus, vocabulary size
     and this code; nothing here imports transformers, so a cached run starts fast."""
-    from filelock import FileLock
+    from instructflow import waits
 
     corpus = tokenizer_corpus()
     blob = json.dumps([corpus, VOCAB_SIZE, codeid.digest(__file__)]).encode()
@@ -168,7 +168,7 @@ def cached_tokenizer_dir() -> Path:
     if (folder / "tokenizer.json").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{folder.name}.lock"), timeout=600):
+    with waits.cache_lock(root / f"{folder.name}.lock", "building the built-in tokenizer", 600):
         if not (folder / "tokenizer.json").is_file():
             tok = build_tokenizer(corpus)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
@@ -394,15 +394,16 @@ def ensure_pretrained(
     saved one's folder (loaded only if the bundle must be built). The bundle holds model/
     (config, safetensors and the tokenizer) and pretrain.json; it is built once per key, under a
     file lock (a second process waits and then loads it), in a temp dir renamed into place."""
-    from filelock import FileLock
-
+    from instructflow import waits
     from instructflow.artifacts import MANIFEST, digest_of, hash_tree
 
     root = cache_root() / "builtin"
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(tokenizer, recipe, arch)
     bundle = root / key
-    with FileLock(str(root / f"{key}.lock"), timeout=3600):
+    # Pre-training takes minutes: a second first run waits here, and says so (waits).
+    what = f"building builtin:{key.partition('-')[0]}"
+    with waits.cache_lock(root / f"{key}.lock", what, 3600):
         if bundle.is_dir():
             if _intact(bundle):
                 return bundle, True

@@ -30,8 +30,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"Prefect UI: {prefect_server.ui_url(prefect_api)}  (flow runs, task runs, logs)")
     if uri.startswith(("http://", "https://")):
         print(f"MLflow UI: {uri} (a tracking server is configured; nothing to start)")
+        for name, url in _experiment_links(uri, uri):
+            print(f"  {name}: {url}")
         return 0
     print(f"MLflow UI: http://{args.host}:{args.port}  (store: {uri}; Ctrl-C stops it)")
+    for name, url in _experiment_links(uri, f"http://{args.host}:{args.port}"):
+        print(f"  {name}: {url}")
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [
         str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
@@ -60,3 +64,23 @@ def run(args: argparse.Namespace) -> int:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _experiment_links(uri: str, base: str) -> list[tuple[str, str]]:
+    """Each experiment's runs page in the "Model training" view with its key columns: MLflow
+    3's own start page is its GenAI overview (instructflow.mlflow_view)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return []  # no runs yet; opening a client would create the store
+    from mlflow.tracking import MlflowClient
+
+    from instructflow import mlflow_view
+
+    try:
+        experiments = MlflowClient(uri).search_experiments()
+    except Exception:  # a store MLflow cannot read is the UI's to report
+        return []
+    return [
+        (e.name, mlflow_view.experiment_url(base, e.experiment_id))
+        for e in experiments
+        if e.name != "Default"
+    ]

@@ -34,7 +34,29 @@ class StepMetrics(TrainerCallback):
     def _add(self, name: str, step: int, value: float) -> None:
         self.series.setdefault(name, []).append([step, float(value)])
 
+    # Computed here, not by Trainer: kept in its log_history too, so a checkpoint's
+    # trainer_state.json holds them for a resumed run's whole curve (replay).
+    DERIVED = ("useful_tokens_per_s", "useful_tokens", "padding_fraction")
+    EVAL = ("eval_loss", "eval_exact_match", "eval_rougeL", "eval_generation_s")
+
+    def replay(self, state) -> None:
+        """A resumed training's earlier steps, from the checkpoint's log history (Trainer
+        restores it before `on_train_begin`): the curves are whole, not cut at the resume."""
+        if self.series or not state.global_step:
+            return
+        for entry in state.log_history:
+            step = entry.get("step", 0)
+            if step > state.global_step:
+                continue
+            for src, name in self.KEYS.items():
+                if src in entry and "train_runtime" not in entry:
+                    self._add(name, step, entry[src])
+            for name in (*self.EVAL, *self.DERIVED):
+                if name in entry:
+                    self._add(name, step, entry[name])
+
     def on_train_begin(self, args, state, control, **kw):
+        self.replay(state)
         self.stats.drain()
         self._window = {"positions": 0, "tokens": 0, "useful": 0}
         self._t = time.perf_counter()
@@ -50,7 +72,7 @@ class StepMetrics(TrainerCallback):
         for src, name in self.KEYS.items():
             if src in logs:
                 self._add(name, step, logs[src])
-        for name in ("eval_loss", "eval_exact_match", "eval_rougeL", "eval_generation_s"):
+        for name in self.EVAL:
             if name in logs:
                 self._add(name, step, logs[name])
         if "loss" in logs:
@@ -66,6 +88,14 @@ class StepMetrics(TrainerCallback):
             if counts["positions"]:
                 pad = 1 - counts["tokens"] / counts["positions"]
                 self._add("padding_fraction", step, pad)
+            if state.log_history and state.log_history[-1].get("step") == step:
+                state.log_history[-1].update(
+                    {
+                        k: self.series[k][-1][1]
+                        for k in self.DERIVED
+                        if self.series.get(k, [[None]])[-1][0] == step
+                    }
+                )
 
 
 class Progress(TrainerCallback):
@@ -74,9 +104,10 @@ class Progress(TrainerCallback):
     `stage_metrics` event to the MLflow run as it arrives, so the UI draws the loss curve
     while training runs."""
 
-    def __init__(self, metrics: StepMetrics, subprocess_mode: bool = False):
+    def __init__(self, metrics: StepMetrics, subprocess_mode: bool = False, stage: str = "train"):
         self.metrics = metrics
         self.subprocess_mode = subprocess_mode
+        self.stage = stage  # distill and distill_baseline train through here too
         self.loss: float | None = None
         self._t0: float | None = None
         self._step0 = 0
@@ -92,6 +123,17 @@ class Progress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self._t0, self._step0 = time.perf_counter(), state.global_step
+        if not state.is_world_process_zero:
+            return
+        # A resumed run's earlier steps go to its MLflow run too: one whole loss curve.
+        self.metrics.replay(state)
+        earlier: dict[int, dict[str, float]] = {}
+        for name, points in self.metrics.series.items():
+            for step, value in points:
+                earlier.setdefault(int(step), {})[name] = value
+                self._sent[name] = int(step)
+        for step in sorted(earlier):
+            self._emit("stage_metrics", stage=self.stage, step=step, metrics=earlier[step])
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero:
@@ -106,7 +148,7 @@ class Progress(TrainerCallback):
         }
         self._sent.update(dict.fromkeys(latest, step))
         if latest:
-            self._emit("stage_metrics", stage="train", step=step, metrics=latest)
+            self._emit("stage_metrics", stage=self.stage, step=step, metrics=latest)
 
     def on_step_end(self, args, state, control, **kw):
         if not state.is_world_process_zero:
@@ -121,7 +163,7 @@ class Progress(TrainerCallback):
             parts.append(f"ETA {per_step * (state.max_steps - state.global_step):.0f} s")
         self._emit(
             "stage_progress",
-            stage="train",
+            stage=self.stage,
             completed=state.global_step,
             total=state.max_steps,
             message=", ".join(parts),

@@ -100,7 +100,7 @@ def _safetensors_damage(path: Path) -> str | None:
     return None
 
 
-def resumable_checkpoint(folder: Path) -> Path | None:
+def resumable_checkpoint(folder: Path, stage: str = "train") -> Path | None:
     """The newest complete checkpoint that loads. A damaged newer one (garbage in its adapter
     or optimizer file, a bad sector) would fail every re-run, so it is moved aside as
     `damaged-step-N` (kept for inspection; the Trainer's checkpoint rotation never sees it)
@@ -116,8 +116,8 @@ def resumable_checkpoint(folder: Path) -> Path | None:
         newest.rename(aside)
         older = last_complete_checkpoint(folder)
         then = f"resuming from {older.name}" if older else "starting from step 0"
-        msg = f"train: checkpoint {newest} is damaged ({problem}); moved to {aside.name}, {then}"
-        progress.notify("warning", stage="train", message=msg)
+        msg = f"{stage}: checkpoint {newest} is damaged ({problem}); moved to {aside.name}, {then}"
+        progress.notify("warning", stage=stage, message=msg)
     return None
 
 
@@ -401,6 +401,8 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     tok = loading.load_tokenizer(spec["tokenizer"])
     train_ds, eval_ds = _load_splits(Path(spec["tokenized"]), cfg.max_eval_examples)
     kd = spec.get("distill")  # a student learning from cached teacher logits (tasks/distill)
+    # The row progress goes to and the stage an interrupt names: distill runs this too.
+    stage = spec.get("stage", "train")
     if kd:
         train_ds = distill.join_teacher(train_ds, Path(kd["teacher_logits"]) / "train")
     info = loading.model_info(base)
@@ -423,7 +425,7 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
         trainer_class = distill.trainer_class(trainer_class, kd["alpha"], kd["temperature"])
     args = _training_args(cfg, precision, work, eval_ds is not None, padded=not packed)
     metrics_cb = callbacks.StepMetrics(stats, world)
-    cbs = [metrics_cb, callbacks.Progress(metrics_cb, subprocess_mode)]
+    cbs = [metrics_cb, callbacks.Progress(metrics_cb, subprocess_mode, stage)]
     if args.load_best_model_at_end and cfg.early_stopping_patience is not None:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = trainer_class(
@@ -437,7 +439,7 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
     trainer.remove_callback(PrinterCallback)  # log dicts on stdout: the CLI has its own view
     # Under torchrun, launch_torchrun set damaged checkpoints aside once, before any rank.
     if cfg.resume and world == 1:
-        resumable_checkpoint(work / "checkpoints")
+        resumable_checkpoint(work / "checkpoints", stage)
     resume = last_complete_checkpoint(work / "checkpoints") if cfg.resume else None
     resumed_step = int(resume.name.split("-")[1]) if resume else 0
     with interrupts.requested_stop() as stop:
@@ -446,7 +448,7 @@ def run_training(spec: dict[str, Any], subprocess_mode: bool = False) -> None:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop:
         last = last_complete_checkpoint(work / "checkpoints")
-        raise interrupts.Interrupted("train", int(last.name.split("-")[1]) if last else None)
+        raise interrupts.Interrupted(stage, int(last.name.split("-")[1]) if last else None)
 
     is_main = trainer.is_world_process_zero()
     seen_dir = work / "seen"
@@ -637,9 +639,9 @@ def launch_torchrun(spec: dict[str, Any], cfg: TrainConfig) -> None:
 
     from instructflow import progress
 
-    work = Path(spec["work"])
+    work, stage = Path(spec["work"]), spec.get("stage", "train")
     if cfg.resume:
-        resumable_checkpoint(work / "checkpoints")  # here, before any rank reads one
+        resumable_checkpoint(work / "checkpoints", stage)  # here, before any rank reads one
     if cfg.nnodes > 1:
         # A fresh rendezvous id per launch: an agent started with an older spec (of a killed
         # attempt, whose output dir is gone) never joins this one.
@@ -650,10 +652,10 @@ def launch_torchrun(spec: dict[str, Any], cfg: TrainConfig) -> None:
         tmp.write_text(json.dumps(spec))
         tmp.replace(spec_path)
         msg = (
-            f"train: waiting for {cfg.nnodes - 1} more node(s) at {cfg.rdzv_endpoint}; on each, "
+            f"{stage}: waiting for {cfg.nnodes - 1} more node(s) at {cfg.rdzv_endpoint}; on each, "
             f"run: instructflow train-node {spec_path}"
         )
-        progress.notify("warning", stage="train", message=msg)
+        progress.notify("warning", stage=stage, message=msg)
         print(msg, file=sys.stderr, flush=True)
         rc, error = run_agent(spec_path, cfg, spec["rdzv_id"])
     else:
@@ -691,10 +693,10 @@ def run_agent(spec_path: Path, cfg: TrainConfig, rdzv_id: str) -> tuple[int, str
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
-        work = Path(json.loads(spec_path.read_text())["work"])
-        last = last_complete_checkpoint(work / "checkpoints")
+        spec = json.loads(spec_path.read_text())
+        last = last_complete_checkpoint(Path(spec["work"]) / "checkpoints")
         step = int(last.name.split("-")[1]) if last else None
-        raise interrupts.Interrupted("train", step) from None
+        raise interrupts.Interrupted(spec.get("stage", "train"), step) from None
     errors = [t for t in tail if "Error" in t or "error:" in t] or tail or ["no output"]
     return rc, errors[-1].strip()
 
