@@ -69,18 +69,36 @@ def run(args: argparse.Namespace) -> int:
 def _experiment_links(uri: str, base: str) -> list[tuple[str, str]]:
     """Each experiment's runs page in the "Model training" view with its key columns: MLflow
     3's own start page is its GenAI overview (instructflow.mlflow_view)."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return []  # no runs yet; opening a client would create the store
-    from mlflow.tracking import MlflowClient
-
     from instructflow import mlflow_view
 
-    try:
-        experiments = MlflowClient(uri).search_experiments()
-    except Exception:  # a store MLflow cannot read is the UI's to report
-        return []
+    if uri.startswith("sqlite:///"):
+        # Read straight from the store: an MLflow client here would start MLflow's background
+        # threads in this process, which then outlive Ctrl-C.
+        import sqlite3
+
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            return []  # no runs yet
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+                rows = con.execute(
+                    "SELECT experiment_id, name FROM experiments"
+                    " WHERE lifecycle_stage = 'active' ORDER BY experiment_id"
+                ).fetchall()
+        except sqlite3.Error:  # a store MLflow cannot read is the UI's to report
+            return []
+        experiments = [(str(i), name) for i, name in rows]
+    else:
+        from mlflow.tracking import MlflowClient
+
+        try:
+            experiments = [
+                (e.experiment_id, e.name) for e in MlflowClient(uri).search_experiments()
+            ]
+        except Exception:
+            return []
     return [
-        (e.name, mlflow_view.experiment_url(base, e.experiment_id))
-        for e in experiments
-        if e.name != "Default"
+        (name, mlflow_view.experiment_url(base, exp_id))
+        for exp_id, name in experiments
+        if name != "Default"
     ]
