@@ -66,7 +66,7 @@ def figures_table(
     return lines
 
 
-def _notes(ref: ArtifactRef, flags: dict[str, str]) -> list[str]:
+def _notes(ref: ArtifactRef, flags: dict[str, str], gate: bool = True) -> list[str]:
     """What the figures alone would hide: an untrusted judge, a BLEU that measures nothing (both
     also added to `flags`), the gate's decision and reasons."""
     notes = []
@@ -79,7 +79,7 @@ def _notes(ref: ArtifactRef, flags: dict[str, str]) -> list[str]:
         if judge.get("status") and not judge.get("usable", True):
             notes.append(f"**Judge untrusted, its scores not used**: {judge.get('status', '')}")
             flags.update(dict.fromkeys(JUDGE_FIGURES, "untrusted judge"))
-    if ref.file("decision.json").is_file():
+    if gate and ref.file("decision.json").is_file():
         decision = json.loads(ref.file("decision.json").read_text())
         verdict = "promoted to champion" if decision.get("promoted") else "not promoted"
         if decision.get("version") is None:
@@ -93,7 +93,7 @@ def comparison_markdown(ref: ArtifactRef) -> list[str]:
     """Evaluate's base | fine-tuned rows with their no-signal labels and notes (the MLflow
     run's description shows them: its UI draws a base's 0.00 as an empty chart)."""
     flags: dict[str, str] = {}
-    notes = [n for n in _notes(ref, flags) if not n.startswith(("**Gate**", "- "))]
+    notes = _notes(ref, flags, gate=False)
     metrics = ref.meta.get("metrics", {})
     twins = {k: v for k, v in metrics.items() if f"{k}_base" in metrics or k.endswith("_base")}
     return [*notes, "", *figures_table(twins, {}, flags)] if twins else []
