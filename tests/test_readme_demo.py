@@ -122,6 +122,10 @@ def activated(command: str) -> list[str]:
     return ["bash", "-c", f"source .venv/bin/activate && exec {command}"]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def kill_processes_of(home: Path) -> list[str]:
     """SIGKILLs every process whose environment names this INSTRUCTFLOW_HOME; their commands."""
     marker = f"INSTRUCTFLOW_HOME={home}".encode()
@@ -181,6 +185,9 @@ def quickstart(tmp_path_factory):
             stdout=o,
             stderr=e,
             start_new_session=True,
+            # A terminal's Ctrl-C: a test session started in the background (`cmd &`) ignores
+            # SIGINT, its children would inherit that, and `instructflow ui` would not stop.
+            preexec_fn=_sigint_as_in_a_terminal,
         )
     ui_seen = None
     try:
