@@ -39,9 +39,9 @@ from instructflow import synthesis_prompts as P
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import LLMConfig, SynthesizeConfig, ValidateConfig
+from instructflow.formats import quality_problem
 from instructflow.llm import CallBudgetSpent, ChatClient, LLMError, ReplyCache
 from instructflow.rows import read_jsonl, write_jsonl
-from tasks.validate import quality_problem
 
 
 class SynthesisError(RuntimeError):

@@ -27,8 +27,9 @@ from instructflow.config import (
 )
 from instructflow.training import bottleneck, methods, trainer
 from instructflow.training.fixtures import write_tokenized
+from instructflow.training.stage import TrainError
 from tasks.base_model import prepare_base_model, prepare_tokenizer
-from tasks.train import TrainError, train
+from tasks.train import train
 
 ALL_METHODS = list(methods.METHODS)
 # Knobs for a 16-step test: a low rank, and a rate full fine-tuning does not diverge at.

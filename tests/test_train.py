@@ -20,9 +20,10 @@ from instructflow.training.packing import (
     packs_correctly,
     use_varlen_attention,
 )
+from instructflow.training.stage import TrainError
 from instructflow.training.trainer import last_complete_checkpoint
 from tasks.base_model import prepare_base_model, prepare_tokenizer
-from tasks.train import TrainError, train
+from tasks.train import train
 
 VOCAB = 96
 
