@@ -17,8 +17,8 @@ from instructflow import loading
 from instructflow.artifacts import ArtifactRef
 from instructflow.caching import stage_task
 from instructflow.config import TrainConfig
+from instructflow.training.distill import require_same_vocabulary
 from instructflow.training.stage import train_artifact
-from instructflow.training.teacher import require_same_vocabulary
 
 
 def distill(

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from instructflow import fast_bpe, loading, plots, templates
+from instructflow import fast_bpe, plots, templates
 from instructflow.arrow_io import hash_buffers, save_dataset
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
@@ -451,7 +451,11 @@ def tokenize(
     splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig, ray: RayConfig | None = None
 ) -> ArtifactRef:
     """`ray`: run the batches as Ray tasks there (the same artifact as without)."""
-    tok = loading.load_tokenizer(tokenizer)
+    from transformers import AutoTokenizer
+
+    # A saved tokenizer folder needs only this call: importing instructflow.loading would put
+    # the model loaders into tokenize's code identity.
+    tok = AutoTokenizer.from_pretrained(tokenizer.path)
     backend = fast_backend(tok)
 
     def write(tmp: Path) -> dict[str, Any]:

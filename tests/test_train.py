@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenized_fixtures import write_tokenized
 
 from instructflow import demo_data
 from instructflow.artifacts import sha256_file
 from instructflow.config import ModelConfig, TrainConfig
 from instructflow.loading import load_finetuned, load_tokenizer
-from instructflow.training.fixtures import write_tokenized
 from instructflow.training.packing import (
     IGNORE,
     PackingCollator,

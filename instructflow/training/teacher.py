@@ -9,10 +9,7 @@ from typing import Any
 from instructflow.artifacts import ArtifactRef
 from instructflow.caching import local_files_digest
 from instructflow.config import DistillTeacherConfig
-
-
-class DistillError(RuntimeError):
-    """A distillation that cannot go on; the message is one line."""
+from instructflow.training.distill import DistillError, require_same_vocabulary
 
 
 def load_teacher(
@@ -20,7 +17,7 @@ def load_teacher(
 ):
     """(teacher model in eval mode with any adapter folded in, one-line description). Refused
     in one line when its vocabulary differs from the data's tokenizer (`tokenizer`)."""
-    from instructflow import generation, loading
+    from instructflow import generation, loading, model_specs
 
     if cfg.model is None:
         if model is None or base is None:
@@ -30,19 +27,10 @@ def load_teacher(
         name = info["base_model"].get("name_or_path")
         about = f"this run's {info['method']} model on {name} (train {model.digest[:12]})"
     else:
-        teacher, tok, _ = loading.load_for_inference(cfg.model)
+        teacher, tok, _ = model_specs.load_for_inference(cfg.model)
         require_same_vocabulary(tok, tokenizer, f"distill.teacher.model={cfg.model}")
         about = cfg.model
     return generation.fold_adapter(teacher).eval(), about
-
-
-def require_same_vocabulary(tok, data_tok, what: str) -> None:
-    """Token ids are compared one to one between teacher and student: same vocabulary only."""
-    if tok.get_vocab() != data_tok.get_vocab():
-        raise DistillError(
-            f"{what}: its tokenizer's vocabulary differs from the data's ({len(tok)} vs "
-            f"{len(data_tok)} tokens); teacher, student and data must share one tokenizer"
-        )
 
 
 def teacher_fingerprint(inputs: dict[str, Any]) -> Any:
