@@ -20,11 +20,12 @@ from flows.run import run_finetune
 from instructflow import demo_data, loading, model_specs, workspace
 from instructflow.builtin import model as builtin
 from instructflow.config import DistillTeacherConfig, ModelConfig, TrainConfig
+from instructflow.training.distill import DistillError
 from instructflow.training.stage import work_key
 from instructflow.training.trainer import ROOT, last_complete_checkpoint
 from tasks.base_model import prepare_student_base, prepare_tokenizer
 from tasks.distill import distill, teacher_spec
-from tasks.teacher_logits import DistillError, teacher_logits
+from tasks.teacher_logits import teacher_logits
 
 pytestmark = pytest.mark.slow
 
