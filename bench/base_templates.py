@@ -43,14 +43,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "base_templates.md"))
     args = ap.parse_args()
 
-    from instructflow import generation, loading, templates
+    from instructflow import generation, model_specs, templates
     from instructflow.cli import resolve_config
     from instructflow.config import load_config
     from instructflow.metrics import text_metrics
 
     cfg = load_config(resolve_config(args.config), [])
     _, rows = test_rows(args.config)
-    model, tok, _ = loading.load_for_inference(cfg.model.name_or_path)
+    model, tok, _ = model_specs.load_for_inference(cfg.model.name_or_path)
     refs = [templates.reference(r) for r in rows]
     lines = [
         f"# The untuned base per prompt template (`python bench/base_templates.py --config "

@@ -108,8 +108,9 @@ def per_example(rows, tok, template: str, max_length: int, out: Path) -> dict:
 
 
 def ours(rows, tok, template: str, max_length: int, out: Path):
+    from instructflow.arrow_io import save_table
     from instructflow.config import TokenizeConfig
-    from tasks.tokenize import encode_rows, save_table
+    from tasks.tokenize import encode_rows
 
     cfg = TokenizeConfig(template=template, max_length=max_length, truncation="truncate")
     table, counts = encode_rows(rows, tok, cfg)

@@ -3,7 +3,8 @@
     python bench/train_throughput.py [--examples 600] [--steps 40] [--batch 4] [--repeats 2]
 
 (a) lecture recipe: every example padded to max_length 512, fixed batch size, plain Trainer.
-(b) instructflow's train stage (`tasks.train.train`, method lora): padding-free packing,
+(b) instructflow's train stage (`tasks.train.train` over
+    instructflow.training.stage.train_artifact, method lora): padding-free packing,
     `--batch` examples a step.
 (c) TRL SFTTrainer with its default packing (packing=True: best-fit-decreasing into
     max_length-1024 rows, padding-free), `--trl-batch` packed rows a step.
@@ -53,11 +54,12 @@ MAX_LENGTH = 512
 
 # -- parent: data, subprocesses, table ---------------------------------------------------------
 def prepare(n: int, model: str, home: Path) -> dict:
+    from instructflow.arrow_io import save_table
     from instructflow.artifacts import write_artifact
     from instructflow.config import ModelConfig, TokenizeConfig
     from instructflow.loading import load_tokenizer
     from tasks.base_model import prepare_base_model, prepare_tokenizer
-    from tasks.tokenize import encode_rows, save_table
+    from tasks.tokenize import encode_rows
 
     everything = json.loads(DATA.read_text(encoding="utf-8"))
     picked = random.Random(0).sample(range(len(everything)), n)

@@ -340,7 +340,6 @@ class TokenizeConfig(Section):
     max_length: Int = Field(default=512, ge=8, le=1_048_576)
     train_on_inputs: bool = False
     truncation: Literal["drop", "truncate"] = "drop"
-    batch_size: Int = Field(default=1000, ge=1, le=1_000_000)
     # auto: ids via tiktoken where it reproduces the tokenizer (checked on a sample of every
     # batch, see instructflow.fast_bpe), else the tokenizer's own backend; tokenizers: always
     # the latter.
@@ -642,8 +641,8 @@ class RegisterConfig(Section):
     enabled: bool = True
     model_name: Text = "instructflow-demo"
     # A usable judge's decisive win rate (wins / (wins + losses): a tie is not a win) must
-    # have the LOWER bound of its 95 % interval strictly above this (vs the base model, or the
-    # champion when judged against it); all ties never pass (instructflow.gate).
+    # have the LOWER bound of its 95 % interval strictly above this (judged against the base
+    # model); all ties never pass (instructflow.gate).
     min_win_rate: Float = Field(default=0.5, ge=0, le=1)
     # Against the champion (instructflow.gate.RULES): the most each may worsen. ROUGE-L and
     # exact match are fractions, so a drop above 1 is a unit slip (percent).

@@ -23,7 +23,10 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from instructflow.config import ValidateConfig
 
 ROLE_MAP = {
     "system": "system",
@@ -642,3 +645,28 @@ def undecodable(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def quality_problem(row: dict[str, Any], cfg: ValidateConfig) -> tuple[str, str] | None:
+    """(reason, detail) for a mapped row that should not be trained on, else None."""
+    total = sum(len(m["content"]) for m in row["messages"])
+    if total > cfg.max_chars:
+        return "too_long", f"{total} chars > validate.max_chars={cfg.max_chars}"
+    bad = next((m for m in row["messages"] if undecodable(m["content"])), None)
+    if bad is not None:
+        return "undecodable", f"{bad['role']} text holds U+FFFD or a lone surrogate"
+    instruction, output = row["instruction"].strip(), row["output"].strip()
+    if not instruction:
+        return "empty_instruction", "'instruction' is empty"
+    if not output:
+        return "empty_output", "'output' is empty"
+    if is_placeholder(output, cfg.placeholders):
+        return "placeholder_output", f"output is {output[:40]!r}"
+    if len(instruction) < cfg.min_instruction_chars:
+        return (
+            "too_short",
+            f"instruction < validate.min_instruction_chars={cfg.min_instruction_chars}",
+        )
+    if len(output) < cfg.min_output_chars:
+        return "too_short", f"output < validate.min_output_chars={cfg.min_output_chars}"
+    return None

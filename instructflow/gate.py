@@ -59,7 +59,7 @@ def gate(
     judge: dict[str, Any] | None = None,
 ) -> tuple[bool, list[str]]:
     """(promote?, reasons). `challenger` / `champion`: evaluate metrics (with `_base` twins);
-    `judge`: the challenger's evaluate report judge section (usable, status, opponent)."""
+    `judge`: the challenger's evaluate report judge section (usable, status)."""
     reasons: list[str] = []
     if champion is None:
         reasons.append(
@@ -106,8 +106,7 @@ def win_rate_rule(metrics: dict[str, float], cfg, judge: dict[str, Any]) -> tupl
     if not judge.get("usable"):
         status = judge.get("status") or "judge not calibrated"
         return True, f"win rate: {status}; rule skipped"
-    opponent = judge.get("pairwise_opponent", "base")
-    head = f"win rate vs {'the champion' if opponent == 'champion' else 'the base model'}"
+    head = "win rate vs the base model"  # evaluate judges pairwise against the base only
     tally = f"{wins} wins, {ties} ties, {losses} losses"
     if wins + losses == 0:
         return False, (

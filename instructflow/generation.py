@@ -1,4 +1,4 @@
-"""Batched generation, streamed perplexity and model loading for evaluation and serving.
+"""Batched generation, streamed perplexity and adapter folding for evaluation and serving.
 
 `generate` sorts prompts by length and runs a KV-cached, left-padded decode loop with
 continuous batching: a row leaves the batch as soon as it finishes (EOS / end-of-turn / stop

@@ -84,10 +84,10 @@ def leftovers(
     now: float | None = None,
 ) -> list[Leftover]:
     """The leftovers of workspace `home` and of the per-user cache (`cache_root`, default
-    instructflow.builtin.model.cache_root()), `.tmp-*` dirs only when older than
+    instructflow.user_cache.cache_root()), `.tmp-*` dirs only when older than
     `older_than_s`; sorted by path."""
     if cache_root is None:
-        from instructflow.builtin.model import cache_root as default_cache_root
+        from instructflow.user_cache import cache_root as default_cache_root
 
         cache_root = default_cache_root()
     now = time.time() if now is None else now

@@ -168,7 +168,7 @@ class HFBackend:
     """A local causal LM; verdicts come from next-token probabilities after the JSON cue."""
 
     def __init__(self, cfg: JudgeConfig):
-        from instructflow.loading import load_for_inference
+        from instructflow.model_specs import load_for_inference
 
         self.cfg = cfg
         self.model, self.tok, _ = load_for_inference(cfg.hf_model)

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from instructflow import user_cache
+
 INFO_FILE = "pruned.json"
 
 
@@ -39,9 +41,7 @@ def kept_layers(total: int, keep: int) -> list[int]:
 
 
 def root() -> Path:
-    from instructflow.builtin.model import cache_root
-
-    return cache_root() / "pruned"
+    return user_cache.pruned_root()
 
 
 def pruned(source: Path, source_identity: str, keep: int) -> Path:

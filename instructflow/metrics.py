@@ -2,7 +2,7 @@
 with a Unicode-aware tokenizer), exact match (strict) and its SQuAD-normalised twin, and the
 same figures per group of rows (e.g. per task).
 
-Definitions (also in the README):
+Definitions (also in docs/evaluation.md):
 - `exact_match`: share of answers equal to the reference after collapsing whitespace runs and
   stripping the ends; case and punctuation count.
 - `exact_match_normalized`: the same after SQuAD's normalisation (lower case, punctuation and
@@ -46,6 +46,20 @@ class UnicodeTokenizer:
         if self.stemmer is None:
             return tokens
         return [self.stemmer.stem(t) if len(t) > 3 and _ASCII_WORD.match(t) else t for t in tokens]
+
+
+_ROUGE_L = None
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F1 of two texts (symmetric), tokenised as `text_metrics` does: the one ROUGE-L
+    of the project (synthesize's Self-Instruct novelty rule uses it too)."""
+    global _ROUGE_L
+    if _ROUGE_L is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer())
+    return _ROUGE_L.score(a, b)["rougeL"].fmeasure
 
 
 def text_metrics(hyps: list[str], refs: list[str]) -> tuple[dict[str, float], dict[str, list]]:

@@ -163,3 +163,8 @@ def contaminated(train: Blocks, n_train: int, held_out: list[str], threshold: fl
             np.maximum.at(best, start + t, sim)
         start += len(texts)
     return best >= threshold
+
+
+def near_duplicate_method(n_rows: int, lsh_min_rows: int | None) -> str:
+    """What `near_duplicates` uses for `n_rows` rows (recorded in the reports)."""
+    return "minhash_lsh" if lsh_min_rows is not None and n_rows >= lsh_min_rows else "exact"

@@ -236,7 +236,7 @@ def _start(home: Path, hide: tuple[str, ...] = (), limit: float = START_TIMEOUT_
 
 # -- the per-user record of started servers ----------------------------------------------------
 def registry_dir() -> Path:
-    from instructflow.builtin.model import cache_root
+    from instructflow.user_cache import cache_root
 
     return cache_root() / "prefect-servers"
 

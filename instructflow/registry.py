@@ -1,4 +1,5 @@
-"""The fine-tuned model in the MLflow registry: a pyfunc around the adapter, and the gate.
+"""The fine-tuned model in the MLflow registry: a pyfunc around the adapter, and the tags
+that record the gate's decision (the rules are instructflow.gate).
 
 What a registered model holds (`artifacts/` of the MLflow model):
   train/   the train artifact's adapter/ (or model/ for method=full), tokenizer/ (with the chat
@@ -14,8 +15,8 @@ local folder reloads with random base weights, a 4-bit base fails to reload, and
 wants torchvision. Loading goes through the same code as training's own loader, so the
 registry model's logits equal the trained model's.
 
-`load_for_inference(uri_or_path)` is the one loader for generate/serve: `models:/NAME@alias`,
-`runs:/...`, a train artifact dir, or an adapter dir.
+`model_specs.load_for_inference(uri_or_path)` is the one loader for generate/serve:
+`models:/NAME@alias`, `runs:/...`, a train artifact dir, or an adapter dir.
 """
 
 from __future__ import annotations

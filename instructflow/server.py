@@ -259,7 +259,7 @@ def create_app(chat: ChatModel, max_batch: int = 16, max_queue: int = 64,
 
 
 def load_chat_model(spec: str, max_tokens: int = 512) -> ChatModel:
-    from instructflow.loading import load_for_inference
+    from instructflow.model_specs import load_for_inference
 
     model, tok, template = load_for_inference(spec)
     model.eval()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from instructflow import layer_pruning, loading, progress
+from instructflow import layer_pruning, loading, model_specs, progress
 from instructflow.artifacts import ArtifactRef, sha256_file, write_artifact
 from instructflow.builtin import gguf
 from instructflow.builtin import model as builtin
@@ -70,7 +70,7 @@ def _converted(cfg: ModelConfig, shown_as: str) -> Path | None:
         progress.notify("stage_progress", stage=shown_as, message=message)
 
     try:
-        return loading.converted_dir(cfg.name_or_path, report)
+        return model_specs.converted_dir(cfg.name_or_path, report)
     except loading.LoadError as exc:
         raise ModelError(str(exc)) from None
 

@@ -17,8 +17,8 @@ from instructflow import loading
 from instructflow.artifacts import ArtifactRef
 from instructflow.caching import stage_task
 from instructflow.config import TrainConfig
-from tasks.teacher_logits import require_same_vocabulary
-from tasks.train import train
+from instructflow.training.distill import require_same_vocabulary
+from instructflow.training.stage import train_artifact
 
 
 def distill(
@@ -43,7 +43,7 @@ def distill(
             raise ValueError("distill: alpha > 0 needs the teacher's logits and a temperature")
         teacher = teacher_spec(logits, alpha, temperature)
     stage = "distill" if teacher else "distill_baseline"
-    ref = train(tokenized, student_base, tokenizer, cfg, teacher=teacher, stage=stage)
+    ref = train_artifact(tokenized, student_base, tokenizer, cfg, teacher=teacher, stage=stage)
     how = f"alpha {alpha}, T {temperature}" if teacher else "alpha 0 (hard labels only)"
     ref.meta["summary"] = f"student {how}: {ref.meta.get('summary', '')}"
     return ref

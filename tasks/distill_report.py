@@ -22,9 +22,9 @@ from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import DistillTeacherConfig, EvaluateConfig, TokenizeConfig
 from instructflow.metrics import text_metrics
+from instructflow.scoring import load_rows, score_model, scored_examples
+from instructflow.training.teacher import load_teacher, teacher_fingerprint
 from instructflow.training.trainer import PeakMemory, parameter_count
-from tasks.evaluate import load_rows, score_model, scored_examples
-from tasks.teacher_logits import load_teacher, teacher_fingerprint
 
 QUALITY = ("exact_match", "rougeL")  # higher is better; perplexity: lower is better
 

@@ -211,11 +211,6 @@ def download(cfg: SourceSpec, stage: str = "download") -> ArtifactRef:
     return write_artifact(stage, write)
 
 
-def data_files(ref: ArtifactRef) -> list[Path]:
-    """The raw data files of a download artifact, in a stable order."""
-    return sorted(p for p in (ref.dir / "data").rglob("*") if p.is_file())
-
-
 download_task = stage_task("download", key_extra=lambda inputs: fingerprint(inputs["cfg"]))(
     download
 )

@@ -1,144 +1,23 @@
-"""evaluate: the fine-tuned model vs its base on the test split.
-
-Perplexity over response tokens only (streamed), batched greedy generation (both models),
-BLEU (sacrebleu), ROUGE-1/2/L/Lsum (rouge-score, stemming), exact match, and the LLM judge
-(instructflow.judge). Output: report.json, examples.json (the per-example table, logged with
-mlflow.log_table), scores.png. Figures go into the manifest meta for tracking.log_stage.
+"""evaluate: the fine-tuned model vs its base on the test split (instructflow.evaluation:
+perplexity, BLEU, ROUGE, exact match, BERTScore, suites, the LLM judge). Output: report.json,
+examples.json (the per-example table, logged with mlflow.log_table), the per-group, per-source
+and calibration tables, scores.png and base_vs_tuned.png. Figures go into the manifest meta
+for tracking.log_stage.
 """
 
 from __future__ import annotations
 
-import gc
 import json
-import time
-from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from instructflow import plots, progress, suites, templates
+from instructflow import plots, suites
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import local_files_digest, stage_task
 from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
-from instructflow.metrics import bleu_signal_note, metric_key, per_group, text_metrics
-from instructflow.rows import column, read_jsonl
-
-# Counts, not quality: they go to evaluate/figures.json, not to MLflow charts.
-BOOKKEEPING = (
-    "test_examples",
-    "wins",
-    "ties",
-    "losses",
-    "judge_failed_single",
-    "judge_failed_pairs",
-    "bertscore_layer",
-    "bertscore_empty",
-    "bertscore_empty_base",
-)
+from instructflow.evaluation import BOOKKEEPING, Evaluation, as_columns, evaluate_models
 
 
-class EvaluateError(RuntimeError):
-    pass
-
-
-def load_rows(splits: ArtifactRef, limit: int | None) -> list[dict[str, Any]]:
-    path = splits.file("test.jsonl")
-    if not path.is_file():
-        raise EvaluateError(f"{path}: split artifact has no test.jsonl")
-    rows = read_jsonl(path)
-    if not rows:
-        raise EvaluateError(f"{path}: the test split is empty (raise split.test)")
-    return rows[:limit] if limit else rows
-
-
-def showcase(
-    rows: list[dict[str, Any]], by: str | None, ft: list[str], base: list[str] | None, n: int = 3
-) -> list[dict[str, Any]]:
-    """`n` test rows to print side by side: the first row of each of the first `n` groups
-    (sorted), else the first `n` rows. Chosen by position, never by how well they came out."""
-    picks: list[int] = []
-    if by:
-        first: dict[str, int] = {}
-        for i, r in enumerate(rows):
-            first.setdefault(column(r, by), i)
-        picks = [first[k] for k in sorted(first) if k][:n]
-    picks = picks or list(range(min(n, len(rows))))
-    out = []
-    for i in picks:
-        r = rows[i]
-        out.append(
-            {
-                "group": column(r, by) if by else "",
-                "instruction": r.get("instruction", ""),
-                "input": r.get("input", ""),
-                "reference": templates.reference(r),
-                "finetuned": ft[i],
-                "base": base[i] if base is not None else None,
-            }
-        )
-    return out
-
-
-def scored_examples(tokenized: ArtifactRef, limit: int | None) -> list[tuple[list, list]]:
-    """(input_ids, labels) of the tokenize stage's test split, first `limit` rows: perplexity
-    scores exactly the ids and labels training uses, never a re-tokenisation (which differs
-    for SentencePiece-style tokenizers, where '▁The' is not the 'The' that training saw)."""
-    import datasets
-
-    path = tokenized.file("test")
-    if not path.is_dir():
-        raise EvaluateError(f"{tokenized.path}: tokenized artifact has no test split")
-    ds = datasets.load_from_disk(str(path))
-    part = ds[: min(limit, len(ds))] if limit else ds[:]
-    return list(zip(part["input_ids"], part["labels"], strict=True))
-
-
-def score_model(
-    m,
-    tok,
-    scored: list[tuple[list, list]],
-    prompts: list[str],
-    template: str,
-    tokenize_cfg: TokenizeConfig,
-    cfg: EvaluateConfig,
-    tick: Callable[[str], Callable[[int, int], None]],
-    label: str,
-) -> tuple[float, int, list[str], float]:
-    """(perplexity, scored tokens, greedy/sampled outputs, generated tokens/s) of one model
-    on the test split (the distill report scores its students with it too)."""
-    from instructflow import generation
-
-    ppl, n_tok = generation.perplexity(
-        m,
-        scored,
-        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-        batch_size=max(1, cfg.batch_size // 4),
-        max_length=tokenize_cfg.max_length,
-    )
-    tick(f"perplexity {label}")(len(prompts), len(prompts))
-    started = time.perf_counter()
-    outs = generation.generate(
-        m,
-        tok,
-        prompts,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        seed=cfg.seed,
-        stop_strings=[*templates.stop_strings(template, tok), *cfg.stop_strings],
-        stop_tokens=[templates.end_of_turn_token(template, tok)],
-        add_special_tokens=templates.add_special_tokens(template),
-        max_prompt_tokens=tokenize_cfg.max_length,
-        progress=tick(f"generating {label}"),
-        details=True,
-    )
-    seconds = time.perf_counter() - started
-    made = sum(o["completion_tokens"] for o in outs)
-    return ppl, n_tok, [o["text"] for o in outs], made / seconds if seconds > 0 else float("nan")
-
-
-# -- stage ------------------------------------------------------------------------------------
 def evaluate(
     splits: ArtifactRef,
     tokenized: ArtifactRef,
@@ -150,219 +29,59 @@ def evaluate(
 ) -> ArtifactRef:
     """The fine-tuned model vs its base on the test split (pairwise judging: against the
     base; the gate compares the other figures with the registered champion's)."""
-    import torch
+    result = evaluate_models(splits, tokenized, model, base, tokenize_cfg, cfg, judge_cfg)
+    return write_artifact("evaluate", lambda tmp: _write(tmp, result, model))
 
-    from instructflow import generation, judge, judge_prompts, loading, semantic
 
-    rows = load_rows(splits, cfg.max_examples)
-    scored = scored_examples(tokenized, cfg.max_examples)
-    template = tokenize_cfg.template
-    ft_model, tok = loading.load_finetuned(model, base)
-    prompts = [templates.generation_prompt(r, template, tok) for r in rows]
-    refs = [templates.reference(r) for r in rows]
-    asked = [templates.instruction_and_context(r) for r in rows]
-    stops = [*templates.stop_strings(template, tok), *cfg.stop_strings]
-    total = 2 * len(rows) * (2 if cfg.compare_base else 1)
-    done = [0]
-
-    def tick(message: str) -> Callable[[int, int], None]:
-        base_done = done[0]
-
-        def report(completed: int, _n: int) -> None:
-            done[0] = base_done + completed
-            progress.notify(
-                "stage_progress", stage="evaluate", completed=done[0], total=total, message=message
-            )
-
-        return report
-
-    def run_model(m, label: str) -> tuple[float, int, list[str]]:
-        ppl, n_tok, outs, speed[label] = score_model(
-            m, tok, scored, prompts, template, tokenize_cfg, cfg, tick, label
-        )
-        return ppl, n_tok, outs
-
-    torch.manual_seed(cfg.seed)
-    speed: dict[str, float] = {}  # generated tokens/s per model (the serving speed)
-    base_out: list[str] | None = None
-    metrics: dict[str, float] = {"test_examples": len(rows)}
-    # The MT-Bench-style suite is graded by the judge (calibrated below with the rest).
-    grader = judge.make_backend(judge_cfg) if cfg.mt_bench else None
-    suite_tables: dict[str, list[dict[str, Any]]] = {}
-
-    def run_suites(m, label: str, suffix: str) -> None:
-        if not (cfg.lm_eval_tasks or grader):
-            return
-        progress.notify("stage_progress", stage="evaluate", message=f"benchmark suites {label}")
-        out = suites.run_configured(m, tok, template, cfg, grader, label)
-        metrics.update({k + suffix: v for k, v in out["metrics"].items()})
-        for name, table in out["tables"].items():
-            suite_tables.setdefault(name, []).extend(table)
-
-    if cfg.compare_base:
-        # A PEFT model is its base with the adapter switched off: no second copy in memory.
-        # The base goes first: the fine-tuned pass then folds the adapter into these weights.
-        if hasattr(ft_model, "disable_adapter"):
-            base_model, ctx = ft_model, ft_model.disable_adapter()
-        else:
-            base_model, ctx = loading.load_base_model(base, dtype=torch.float32), nullcontext()
-        with ctx:
-            metrics["perplexity_base"], _, base_out = run_model(base_model, "base")
-            run_suites(base_model, "base", "_base")
-        del base_model
-    ft_model = generation.fold_adapter(ft_model)
-    metrics["perplexity"], n_tokens, ft_out = run_model(ft_model, "fine-tuned")
-    run_suites(ft_model, "finetuned", "")
-    if grader is not None:
-        grader.close()
-    # Free the evaluated model(s) before the judge loads its own (the hf backend).
-    del ft_model
-    gc.collect()
-
-    auto, per = text_metrics(ft_out, refs)
-    metrics.update(auto)
-    metrics["reference_words"] = sum(len(r.split()) for r in refs) / max(len(refs), 1)
-    metrics["generation_tokens_per_s"] = speed["fine-tuned"]
-    if "base" in speed:
-        metrics["generation_tokens_per_s_base"] = speed["base"]
-    columns: dict[str, list[Any]] = {
-        "id": [r.get("id") for r in rows],
-        # For a conversation: the last user turn, and the earlier turns as a transcript.
-        "instruction": [ic[0] for ic in asked],
-        "input": [ic[1] for ic in asked],
-        "reference": refs,
-        "finetuned_output": ft_out,
-        "bleu": per["bleu"],
-        "rougeL": per["rougeL"],
+def _write(tmp: Path, result: Evaluation, model: ArtifactRef) -> dict[str, Any]:
+    metrics, columns = result.metrics, result.columns
+    (tmp / "report.json").write_text(json.dumps(result.report, indent=1, default=str))
+    (tmp / "examples.json").write_text(json.dumps(columns, indent=1, default=str))
+    tables = [{"file": "examples.json", "artifact_file": "evaluate/examples.json"}]
+    extra = {
+        "groups.json": [{"group": key, **entry} for key, entry in result.groups.items()],
+        "sources.json": [{"source": key, **entry} for key, entry in result.by_source.items()],
+        "judge_calibration.json": result.calibration_table,
+        **result.suite_tables,
     }
-    if base_out is not None:
-        auto_b, per_b = text_metrics(base_out, refs)
-        metrics.update({f"{k}_base": v for k, v in auto_b.items()})
-        columns.update(base_output=base_out, bleu_base=per_b["bleu"], rougeL_base=per_b["rougeL"])
-    outputs = {"": ft_out, **({"_base": base_out} if base_out is not None else {})}
-    groups = per_group(rows, cfg.group_by, outputs, refs) if cfg.group_by else {}
-    for key, entry in groups.items():
-        for suffix in outputs:
-            metrics[f"em.{metric_key(key)}{suffix}"] = entry[f"exact_match{suffix}"]
-    if groups:
-        columns["group"] = [column(r, cfg.group_by) for r in rows]
-    # Several data.sources (tasks/mix.py): every figure per source too.
-    by_source = per_group(rows, "source", outputs, refs) if cfg.group_by != "source" else {}
-    for key, entry in by_source.items():
-        for suffix in outputs:
-            for figure, name in (("exact_match", "em"), ("rougeL", "rougeL")):
-                metrics[f"source.{name}.{metric_key(key)}{suffix}"] = entry[f"{figure}{suffix}"]
-    if by_source:
-        columns["source"] = [column(r, "source") for r in rows]
-    if cfg.semantic_model:
-        progress.notify("stage_progress", stage="evaluate", message="BERTScore")
-        for suffix, outs in outputs.items():
-            bs = semantic.bertscore(outs, refs, semantic.resolve(cfg.semantic_model))
-            for part in ("precision", "recall", "f1"):
-                metrics[f"bertscore_{part}{suffix}"] = bs[f"{part}_mean"]
-            columns[f"bertscore_f1{suffix}"] = bs["f1"]
-            metrics[f"bertscore_empty{suffix}"] = bs["empty"]
-        metrics["bertscore_layer"] = bs["num_layers"]
-
-    items = [judge.Item(i, c, ref) for (i, c), ref in zip(asked, refs, strict=True)]
-    opponent_name = "base"
-    verdicts = judge.run_judge(
-        judge_cfg,
-        items,
-        ft_out,
-        base_out,
-        progress=lambda m: progress.notify("stage_progress", stage="evaluate", message=m),
-    )
-    metrics.update(verdicts.metrics)
-    if verdicts.status and not verdicts.usable:
-        progress.notify("warning", stage="evaluate", message=verdicts.status)
-    if verdicts.length_note.startswith("length alone explains"):
-        progress.notify("warning", stage="evaluate", message=verdicts.length_note)
-    n_judged = len(next(iter(verdicts.columns.values()), []))
-    for name, values in verdicts.columns.items():
-        columns[name] = values + [None] * (len(rows) - n_judged)
-
-    params = {
-        **judge.judge_params(judge_cfg),
-        "pairwise_opponent": opponent_name,
-        "template": template,
-        # Not "stop_strings": the config param evaluate.stop_strings holds the requested ones.
-        "effective_stop_strings": json.dumps(stops),
-        "scored_tokens": n_tokens,
-    }
-    bleu_note = bleu_signal_note(refs)
-    report = {
-        "metrics": metrics,
-        "bleu_note": bleu_note,
-        "bertscore_note": semantic.PACKAGE_NOTE if cfg.semantic_model else None,
-        "groups": {"by": cfg.group_by, "table": groups},
-        "sources": {"by": "source", "table": by_source},
-        "showcase": showcase(rows, cfg.group_by if groups else None, ft_out, base_out),
-        "judge": {
-            **params,
-            "usable": verdicts.usable,
-            "status": verdicts.status,
-            "length_note": verdicts.length_note,
-            "calibration": {k: v for k, v in verdicts.calibration.items() if k != "table"},
-            "config": judge_cfg.model_dump(mode="json"),
-            "failures": verdicts.failures[:20],
-        },
-        "generation": cfg.model_dump(mode="json"),
-        "prompt_version": judge_prompts.PROMPT_VERSION,
+    for name, records in extra.items():
+        if records:
+            (tmp / name).write_text(json.dumps(as_columns(records), indent=1, default=str))
+            tables.append({"file": name, "artifact_file": f"evaluate/{name}"})
+    plots.score_histograms(columns, tmp / "scores.png")
+    compared = plots.base_vs_tuned(metrics, tmp / "base_vs_tuned.png")
+    bleu_note = result.report["bleu_note"]
+    counts = {k: v for k, v in metrics.items() if k in BOOKKEEPING or k.endswith(".failures")}
+    if bleu_note:  # not charted as if it measured something: figures.json + a tag say why
+        counts.update({k: metrics[k] for k in ("bleu", "bleu_base") if k in metrics})
+    return {
+        "metrics": {k: v for k, v in metrics.items() if k not in counts},
+        "figures": counts,
+        "tags": {"instructflow.bleu_note": bleu_note} if bleu_note else {},
+        "params": result.params,
+        "log_files": ["report.json", "scores.png"] + (["base_vs_tuned.png"] if compared else []),
+        # A chart in the MLflow UI (base and tuned in one), not only a file.
+        "images": ["base_vs_tuned.png"] if compared else [],
+        "tables": tables,
+        # The figures are also the fine-tuned model's own (its final LoggedModel).
+        "measured_model": model.digest,
+        "summary": _summary(metrics, result.judge_usable),
     }
 
-    def write(tmp: Path) -> dict[str, Any]:
-        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        (tmp / "examples.json").write_text(json.dumps(columns, indent=1, default=str))
-        tables = [{"file": "examples.json", "artifact_file": "evaluate/examples.json"}]
-        extra = {
-            "groups.json": [{"group": key, **entry} for key, entry in groups.items()],
-            "sources.json": [{"source": key, **entry} for key, entry in by_source.items()],
-            "judge_calibration.json": verdicts.calibration.get("table") or [],
-            **suite_tables,
-        }
-        for name, records in extra.items():
-            if records:
-                (tmp / name).write_text(json.dumps(as_columns(records), indent=1, default=str))
-                tables.append({"file": name, "artifact_file": f"evaluate/{name}"})
-        plots.score_histograms(columns, tmp / "scores.png")
-        compared = plots.base_vs_tuned(metrics, tmp / "base_vs_tuned.png")
-        summary = f"ppl {metrics['perplexity']:.2f}"
-        if "perplexity_base" in metrics:
-            summary += f" (base {metrics['perplexity_base']:.2f})"
-        summary += f", EM {metrics['exact_match']:.2f}"
-        if "exact_match_base" in metrics:
-            summary += f" (base {metrics['exact_match_base']:.2f})"
-        summary += f", ROUGE-L {metrics['rougeL']:.3f}"
-        if "win_rate" in metrics:
-            summary += f", win rate {metrics['win_rate']:.2f}"
-            if not verdicts.usable:
-                summary += " (judge untrusted, not used)"
-        counts = {k: v for k, v in metrics.items() if k in BOOKKEEPING or k.endswith(".failures")}
-        if bleu_note:  # not charted as if it measured something: figures.json + a tag say why
-            counts.update({k: metrics[k] for k in ("bleu", "bleu_base") if k in metrics})
-        return {
-            "metrics": {k: v for k, v in metrics.items() if k not in counts},
-            "figures": counts,
-            "tags": {"instructflow.bleu_note": bleu_note} if bleu_note else {},
-            "params": params,
-            "log_files": ["report.json", "scores.png"]
-            + (["base_vs_tuned.png"] if compared else []),
-            # A chart in the MLflow UI (base and tuned in one), not only a file.
-            "images": ["base_vs_tuned.png"] if compared else [],
-            "tables": tables,
-            # The figures are also the fine-tuned model's own (its final LoggedModel).
-            "measured_model": model.digest,
-            "summary": summary,
-        }
 
-    return write_artifact("evaluate", write)
-
-
-def as_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Records -> {column: values} (the shape mlflow.log_table takes); missing cells None."""
-    keys = dict.fromkeys(k for r in records for k in r)
-    return {k: [r.get(k) for r in records] for k in keys}
+def _summary(metrics: dict[str, Any], judge_usable: bool) -> str:
+    summary = f"ppl {metrics['perplexity']:.2f}"
+    if "perplexity_base" in metrics:
+        summary += f" (base {metrics['perplexity_base']:.2f})"
+    summary += f", EM {metrics['exact_match']:.2f}"
+    if "exact_match_base" in metrics:
+        summary += f" (base {metrics['exact_match_base']:.2f})"
+    summary += f", ROUGE-L {metrics['rougeL']:.3f}"
+    if "win_rate" in metrics:
+        summary += f", win rate {metrics['win_rate']:.2f}"
+        if not judge_usable:
+            summary += " (judge untrusted, not used)"
+    return summary
 
 
 def suite_files(inputs: dict[str, Any]) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """mix: several validated sources (`data.sources`) into one dataset, by weight, seeded.
 
-How many rows each source gives (documented in the README, tested in tests/test_mix.py):
+How many rows each source gives (documented in docs/data.md, tested in tests/test_mix.py):
 - A source's available rows are its validated rows, capped by its `max_rows` (a seeded sample).
 - Shares: the weights normalised (no weights: in proportion to the available rows, i.e.
   everything). Total: `data.mix.total_rows`, else the largest total the shares allow without

@@ -24,10 +24,8 @@ from instructflow import neardup
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import SplitConfig
-from instructflow.rows import column, iter_batches, iter_value_blocks, read_jsonl
-from tasks.validate import near_duplicate_method
-
-SPLITS = ("train", "validation", "test")
+from instructflow.neardup import near_duplicate_method
+from instructflow.rows import SPLITS, column, iter_batches, iter_value_blocks, read_jsonl
 
 
 class SplitError(ValueError):

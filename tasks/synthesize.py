@@ -39,9 +39,10 @@ from instructflow import synthesis_prompts as P
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import LLMConfig, SynthesizeConfig, ValidateConfig
+from instructflow.formats import quality_problem
 from instructflow.llm import CallBudgetSpent, ChatClient, LLMError, ReplyCache
+from instructflow.metrics import rouge_l
 from instructflow.rows import read_jsonl, write_jsonl
-from tasks.validate import quality_problem
 
 
 class SynthesisError(RuntimeError):
@@ -107,21 +108,8 @@ def model_id(cfg: LLMConfig) -> str:
 
 
 # -- text helpers -------------------------------------------------------------------------------
-_SCORER = None
-
-
-def rougeL(a: str, b: str) -> float:
-    """ROUGE-L F1 (rouge-score, stemmed), the Self-Instruct similarity."""
-    global _SCORER
-    if _SCORER is None:
-        from rouge_score import rouge_scorer
-
-        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return _SCORER.score(a, b)["rougeL"].fmeasure
-
-
 def most_similar(text: str, others: list[str]) -> float:
-    return max((rougeL(text, o) for o in others), default=0.0)
+    return max((rouge_l(text, o) for o in others), default=0.0)
 
 
 def one_line(reply: str) -> str:
@@ -224,7 +212,7 @@ class Maker:
         return True
 
     def bounded(self, parent: str, new: str) -> str | None:
-        score = rougeL(parent, new)
+        score = rouge_l(parent, new)
         if score >= self.cfg.max_rougeL:
             return "too_similar"
         if score < self.cfg.min_rougeL:
@@ -270,7 +258,7 @@ def _evol_instruct(mk: Maker, parent: dict[str, Any]):
     rng = random.Random(f"{mk.cfg.seed}:evol:{parent['id']}")
     operation = P.EVOLVE_OPERATIONS[rng.choice(sorted(P.EVOLVE_OPERATIONS))]
     new = one_line(mk.ask(P.EVOLVE.format(operation=operation, instruction=parent["instruction"])))
-    if not new or rougeL(parent["instruction"], new) >= mk.cfg.max_rougeL:
+    if not new or rouge_l(parent["instruction"], new) >= mk.cfg.max_rougeL:
         return {**_triple(parent), "instruction": new}, "unchanged"
     ask = f"{new}\n\n{parent['input']}" if parent.get("input") else new
     answer = mk.ask(ask).strip()

@@ -17,45 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from instructflow import progress
+from instructflow.arrow_io import save_table
 from instructflow.artifacts import ArtifactRef, write_artifact
-from instructflow.caching import local_files_digest, stage_task
+from instructflow.caching import stage_task
 from instructflow.config import DistillTeacherConfig
 from instructflow.training.distill import TEACHER_IDS, TEACHER_LOGITS, teacher_top_k
-from tasks.tokenize import save_table
-
-
-class DistillError(RuntimeError):
-    """A distillation that cannot go on; the message is one line."""
-
-
-def load_teacher(
-    cfg: DistillTeacherConfig, model: ArtifactRef | None, base: ArtifactRef | None, tokenizer
-):
-    """(teacher model in eval mode with any adapter folded in, one-line description). Refused
-    in one line when its vocabulary differs from the data's tokenizer (`tokenizer`)."""
-    from instructflow import generation, loading
-
-    if cfg.model is None:
-        if model is None or base is None:
-            raise DistillError("distill.teacher.model is null but this run has no train artifact")
-        teacher, _ = loading.load_finetuned(model, base)
-        info = json.loads(model.file("train.json").read_text())
-        name = info["base_model"].get("name_or_path")
-        about = f"this run's {info['method']} model on {name} (train {model.digest[:12]})"
-    else:
-        teacher, tok, _ = loading.load_for_inference(cfg.model)
-        require_same_vocabulary(tok, tokenizer, f"distill.teacher.model={cfg.model}")
-        about = cfg.model
-    return generation.fold_adapter(teacher).eval(), about
-
-
-def require_same_vocabulary(tok, data_tok, what: str) -> None:
-    """Token ids are compared one to one between teacher and student: same vocabulary only."""
-    if tok.get_vocab() != data_tok.get_vocab():
-        raise DistillError(
-            f"{what}: its tokenizer's vocabulary differs from the data's ({len(tok)} vs "
-            f"{len(data_tok)} tokens); teacher, student and data must share one tokenizer"
-        )
+from instructflow.training.teacher import load_teacher, teacher_fingerprint
 
 
 def teacher_logits(
@@ -123,19 +90,6 @@ def teacher_logits(
         }
 
     return write_artifact("teacher_logits", write)
-
-
-def teacher_fingerprint(inputs: dict[str, Any]) -> Any:
-    """Cache-key material for a teacher named in the config: a local folder's contents, or
-    the registry version an MLflow URI points at now (a moved alias must miss the cache)."""
-    spec = inputs["cfg"].model
-    if spec is None:
-        return None
-    if spec.startswith("models:/"):
-        from instructflow import registry
-
-        return registry.resolve_version(spec)
-    return local_files_digest([spec]) or spec
 
 
 teacher_logits_task = stage_task("teacher_logits", key_extra=teacher_fingerprint)(teacher_logits)

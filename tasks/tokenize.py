@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from instructflow import fast_bpe, loading, plots, templates
+from instructflow import fast_bpe, plots, templates
+from instructflow.arrow_io import hash_buffers, save_dataset
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import RayConfig, TokenizeConfig
-from instructflow.rows import iter_batches
+from instructflow.rows import SPLITS, iter_batches
 from instructflow.special_text import SpecialText
-from tasks.split import SPLITS
 
 IGNORE = templates.IGNORE_INDEX
 CHECK_ROWS = 256
@@ -340,35 +340,6 @@ def tokenize_split(
     return join_counts(counts), np.concatenate(lengths), nodes, np.concatenate(inputs)
 
 
-def hash_buffers(h, table) -> None:
-    """Feed every buffer of `table` (column by column) into the hash `h`."""
-    for col in table.columns:
-        for chunk in col.chunks:
-            for buf in chunk.buffers():
-                if buf is not None:
-                    h.update(buf)
-
-
-def save_dataset(table, path: Path, fingerprint: str) -> None:
-    """datasets' save_to_disk, quietly: the CLI has its own progress view."""
-    import datasets
-
-    quiet = datasets.utils.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        datasets.Dataset(table, fingerprint=fingerprint).save_to_disk(str(path))
-    finally:
-        if not quiet:
-            datasets.enable_progress_bars()
-
-
-def save_table(table, path: Path) -> None:
-    """save_to_disk with a content fingerprint, so equal data gives byte-equal artifacts."""
-    h = hashlib.sha256()
-    hash_buffers(h, table)
-    save_dataset(table, path, h.hexdigest()[:16])
-
-
 class ShardedSave:
     """A save_to_disk directory written one table at a time, so only one is ever in memory.
 
@@ -480,7 +451,11 @@ def tokenize(
     splits: ArtifactRef, tokenizer: ArtifactRef, cfg: TokenizeConfig, ray: RayConfig | None = None
 ) -> ArtifactRef:
     """`ray`: run the batches as Ray tasks there (the same artifact as without)."""
-    tok = loading.load_tokenizer(tokenizer)
+    from transformers import AutoTokenizer
+
+    # A saved tokenizer folder needs only this call: importing instructflow.loading would put
+    # the model loaders into tokenize's code identity.
+    tok = AutoTokenizer.from_pretrained(tokenizer.path)
     backend = fast_backend(tok)
 
     def write(tmp: Path) -> dict[str, Any]:

@@ -30,9 +30,9 @@ from instructflow import formats, neardup, plots
 from instructflow.artifacts import ArtifactRef, write_artifact
 from instructflow.caching import stage_task
 from instructflow.config import RayConfig, ValidateConfig
-from instructflow.formats import DataError, Reject, normalise
-from instructflow.rows import iter_value_blocks
-from tasks.download import data_files
+from instructflow.formats import DataError, Reject, normalise, quality_problem
+from instructflow.neardup import near_duplicate_method
+from instructflow.rows import data_files, iter_value_blocks
 
 DUPLICATE_REASONS = ("duplicate", "near_duplicate")
 PIECE_ROWS = 20_000
@@ -212,31 +212,6 @@ def check_records(
     return rows, rejects
 
 
-def quality_problem(row: dict[str, Any], cfg: ValidateConfig) -> tuple[str, str] | None:
-    """(reason, detail) for a mapped row that should not be trained on, else None."""
-    total = sum(len(m["content"]) for m in row["messages"])
-    if total > cfg.max_chars:
-        return "too_long", f"{total} chars > validate.max_chars={cfg.max_chars}"
-    bad = next((m for m in row["messages"] if formats.undecodable(m["content"])), None)
-    if bad is not None:
-        return "undecodable", f"{bad['role']} text holds U+FFFD or a lone surrogate"
-    instruction, output = row["instruction"].strip(), row["output"].strip()
-    if not instruction:
-        return "empty_instruction", "'instruction' is empty"
-    if not output:
-        return "empty_output", "'output' is empty"
-    if formats.is_placeholder(output, cfg.placeholders):
-        return "placeholder_output", f"output is {output[:40]!r}"
-    if len(instruction) < cfg.min_instruction_chars:
-        return (
-            "too_short",
-            f"instruction < validate.min_instruction_chars={cfg.min_instruction_chars}",
-        )
-    if len(output) < cfg.min_output_chars:
-        return "too_short", f"output < validate.min_output_chars={cfg.min_output_chars}"
-    return None
-
-
 def _canonical(rid: str, name: str, row: int, item: dict[str, Any]) -> dict[str, Any]:
     prompt = "\n".join(m["content"] for m in item["messages"] if m["role"] != "assistant")
     return {
@@ -309,11 +284,6 @@ def write_clean(seen: Collected, match: dict[int, int], path: Path) -> dict[str,
         "output": np.asarray(seen.output_chars)[keep],
         "turns": np.asarray(seen.turns)[keep],
     }
-
-
-def near_duplicate_method(n_rows: int, lsh_min_rows: int | None) -> str:
-    """What `near_duplicates` uses for `n_rows` rows (recorded in the reports)."""
-    return "minhash_lsh" if lsh_min_rows is not None and n_rows >= lsh_min_rows else "exact"
 
 
 def near_duplicates(

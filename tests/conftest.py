@@ -38,7 +38,7 @@ workspace.configure()
 
 def pytest_sessionstart(session) -> None:
     from instructflow import prefect_server
-    from instructflow.loading import load_builtin
+    from instructflow.model_specs import load_builtin
 
     os.environ["PREFECT_API_URL"] = prefect_server.ensure(_session_home)
     load_builtin()
@@ -101,10 +101,11 @@ def shared_datasets() -> Path:
 @pytest.fixture
 def train_inputs(home):
     """(tokenized, base, tokenizer) refs: the built-in tiny base and 80 demo rows at 64 tokens."""
+    from tokenized_fixtures import write_tokenized
+
     from instructflow import demo_data
     from instructflow.config import ModelConfig
     from instructflow.loading import load_tokenizer
-    from instructflow.training.fixtures import write_tokenized
     from tasks.base_model import prepare_base_model, prepare_tokenizer
 
     tok_ref = prepare_tokenizer(ModelConfig())

@@ -29,27 +29,43 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 def test_indirect_imports_count_and_comments_do_not(copy):
-    tokenize, split = copy / "tasks/tokenize.py", copy / "tasks/split.py"
-    reached = {p.relative_to(copy).as_posix() for p in codeid.closure(tokenize)}
-    # tokenize -> instructflow.loading -> instructflow.builtin.model (imported in a function).
+    evaluate, split = copy / "tasks/evaluate.py", copy / "tasks/split.py"
+    reached = {p.relative_to(copy).as_posix() for p in codeid.closure(evaluate)}
+    # evaluate -> judge -> model_specs (imported in a function) -> builtin.model: a judge
+    # named builtin:tiny is the model that code pre-trains.
     assert "instructflow/builtin/model.py" in reached
-    assert "instructflow/loading.py" in reached and "tasks/split.py" in reached
+    assert "instructflow/loading.py" in reached and "instructflow/rows.py" in reached
+    # A stage's closure holds no other stage (tests/test_layering.py): split's code is not in it.
+    assert {p for p in reached if p.startswith("tasks/")} == {"tasks/evaluate.py"}
     # Output-neutral modules (progress display, config schema, paths) are not followed.
     assert not reached & {"instructflow/progress.py", "instructflow/config.py"}
-    before = {t: codeid.digest(t) for t in (tokenize, split)}
+    before = {t: codeid.digest(t) for t in (evaluate, split)}
 
     # A comment, a docstring and reformatting change nothing.
     model = copy / "instructflow/builtin/model.py"
     _edit(model, "def probe(", "# a new comment\n\n\ndef probe(")
     _edit(model, '    """The built-in architecture,', '    """Reworded: the built-in architecture,')
     _edit(model, "return LlamaForCausalLM(config)", "return LlamaForCausalLM( config )")
-    assert {t: codeid.digest(t) for t in (tokenize, split)} == before
+    assert {t: codeid.digest(t) for t in (evaluate, split)} == before
 
-    # A code change in a module tokenize reaches only indirectly changes tokenize's digest,
+    # A code change in a module evaluate reaches only indirectly changes evaluate's digest,
     # and not that of split, which does not reach it.
     _edit(model, "VOCAB_SIZE = 2048", "VOCAB_SIZE = 2049")
-    assert codeid.digest(tokenize) != before[tokenize]
+    assert codeid.digest(evaluate) != before[evaluate]
     assert codeid.digest(split) == before[split]
+
+
+def test_model_loading_from_artifacts_keeps_the_builtin_models_and_download_out():
+    """The stages that read a base-model artifact load from its folder (instructflow.loading):
+    the code that builds builtin:tiny, converts GGUF files or fetches data is base_model's and
+    download's, not theirs. Closures as small as this are what keep a nightly retrain cached."""
+    builtin = {"instructflow/builtin/model.py", "instructflow/builtin/world.py"}
+    for stage, at_most in (("tokenize", 10), ("train", 20), ("distill", 20)):
+        reached = {
+            p.relative_to(ROOT).as_posix() for p in codeid.closure(ROOT / f"tasks/{stage}.py")
+        }
+        assert not reached & (builtin | {"tasks/download.py", "instructflow/model_specs.py"})
+        assert len(reached) <= at_most, (stage, sorted(reached))
 
 
 def test_no_import_cycles_and_the_library_never_imports_stages():

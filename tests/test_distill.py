@@ -14,17 +14,18 @@ import time
 
 import pytest
 import torch
+from tokenized_fixtures import write_tokenized
 
 from flows.run import run_finetune
-from instructflow import demo_data, loading, workspace
+from instructflow import demo_data, loading, model_specs, workspace
 from instructflow.builtin import model as builtin
 from instructflow.config import DistillTeacherConfig, ModelConfig, TrainConfig
-from instructflow.training.fixtures import write_tokenized
+from instructflow.training.distill import DistillError
+from instructflow.training.stage import work_key
 from instructflow.training.trainer import ROOT, last_complete_checkpoint
 from tasks.base_model import prepare_student_base, prepare_tokenizer
 from tasks.distill import distill, teacher_spec
-from tasks.teacher_logits import DistillError, teacher_logits
-from tasks.train import work_key
+from tasks.teacher_logits import teacher_logits
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ DISTILL = ("teacher_logits", "distill", "distill_baseline", "distill_report")
 @pytest.fixture(scope="module", autouse=True)
 def micro_built():
     """builtin:micro pre-trained once for the module (per-user cache, as users get it)."""
-    loading.load_builtin(builtin.MICRO)
+    model_specs.load_builtin(builtin.MICRO)
 
 
 def _states(summary):
@@ -112,7 +113,7 @@ def test_distill_runs_in_the_flow_and_another_alpha_retrains_only_the_student(ho
     version = MlflowClient().get_model_version_by_alias(name, "champion")
     card = MlflowClient().get_model_version(name, version.version).description
     assert "**Distilled from** this run's lora model on builtin:tiny" in card
-    registered, tok, _ = loading.load_for_inference(f"models:/{name}@champion")
+    registered, tok, _ = model_specs.load_for_inference(f"models:/{name}@champion")
     own, _ = loading.load_finetuned(_ref(first, "distill"), _student_base(first))
     ids = tok("### Instruction:\nName a colour.\n\n### Response:\n", return_tensors="pt")
     with torch.no_grad():

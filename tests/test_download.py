@@ -12,7 +12,8 @@ import time
 import pytest
 
 from instructflow.config import DataConfig
-from tasks.download import DownloadError, data_files, download, fingerprint, source_kind
+from instructflow.rows import data_files
+from tasks.download import DownloadError, download, fingerprint, source_kind
 
 ROWS = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("one", "two", "three")]
 BODY = json.dumps(ROWS).encode()

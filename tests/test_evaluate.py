@@ -13,7 +13,8 @@ from instructflow import generation, templates
 from instructflow.config import EvaluateConfig, JudgeConfig, TokenizeConfig
 from instructflow.loading import load_base_model, load_tokenizer
 from instructflow.metrics import text_metrics
-from tasks.evaluate import evaluate, scored_examples
+from instructflow.scoring import scored_examples
+from tasks.evaluate import evaluate
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from instructflow import loading
+from instructflow import loading, model_specs
 from instructflow.builtin import gguf, smollm2
 from instructflow.config import ModelConfig
 from tasks.base_model import ModelError, prepare_base_model, prepare_tokenizer
@@ -33,7 +33,7 @@ def test_a_gguf_file_converts_once_into_a_folder_that_equals_the_file(tiny_gguf,
     direct = AutoModelForCausalLM.from_pretrained(
         str(tiny_gguf.parent), gguf_file=tiny_gguf.name, dtype=torch.float32
     )
-    model, tok, template = loading.load_for_inference(str(tiny_gguf))
+    model, tok, template = model_specs.load_for_inference(str(tiny_gguf))
     assert template == "chat_template" and tok.chat_template and len(tok) == 49_152
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, direct(IDS).logits)

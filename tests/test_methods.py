@@ -15,8 +15,9 @@ import httpx
 import pytest
 import torch
 from evaluate_fixtures import canonical_rows, make_inputs
+from tokenized_fixtures import write_tokenized
 
-from instructflow import demo_data, generation, loading, registry, templates
+from instructflow import demo_data, generation, loading, model_specs, registry, templates
 from instructflow.config import (
     EvaluateConfig,
     JudgeConfig,
@@ -26,9 +27,9 @@ from instructflow.config import (
     TrainConfig,
 )
 from instructflow.training import bottleneck, methods, trainer
-from instructflow.training.fixtures import write_tokenized
+from instructflow.training.stage import TrainError
 from tasks.base_model import prepare_base_model, prepare_tokenizer
-from tasks.train import TrainError, train
+from tasks.train import train
 
 ALL_METHODS = list(methods.METHODS)
 # Knobs for a 16-step test: a low rank, and a rate full fine-tuning does not diverge at.
@@ -161,7 +162,7 @@ def test_method_trains_reloads_and_runs_through_every_stage(method, inputs, caps
     )
     assert m["saved_bytes"] > 0 and m["peak_memory_bytes"] > 0
     # Virtual tokens would be shared by every example of a packed row: padded batches instead.
-    assert info["packing"] == ("padded" if entry.virtual_tokens else "flattened")
+    assert info["packing"] == ("flattened" if entry.packing else "padded")
     if entry.saves_adapter:
         card = ref.file("adapter/README.md").read_text()
         assert f"# {method} adapter" in card
@@ -213,7 +214,7 @@ def test_method_trains_reloads_and_runs_through_every_stage(method, inputs, caps
     # register: the pyfunc reloads from the registry to identical logits.
     name = f"methods-{method.replace('_', '-')}"
     register(ref, report, base, RegisterConfig(model_name=name))
-    reg_model, reg_tok, _ = loading.load_for_inference(f"models:/{name}@champion")
+    reg_model, reg_tok, _ = model_specs.load_for_inference(f"models:/{name}@champion")
     with torch.no_grad():
         reloaded = reg_model(input_ids=ids).logits[:, -ids.shape[1] :]
     assert torch.allclose(ours, reloaded, atol=1e-5)

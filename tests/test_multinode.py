@@ -19,6 +19,7 @@ from serving import free_port
 
 from instructflow import caching, workspace
 from instructflow.config import TrainConfig
+from instructflow.training.stage import work_key
 from instructflow.training.trainer import (
     NODE_SPEC,
     ROOT,
@@ -26,7 +27,7 @@ from instructflow.training.trainer import (
     last_complete_checkpoint,
     torchrun_command,
 )
-from tasks.train import train, work_key
+from tasks.train import train
 
 
 def _cfg(**knobs) -> TrainConfig:

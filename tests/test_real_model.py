@@ -14,11 +14,11 @@ import httpx
 import pytest
 import torch
 from serving import serving
+from tokenized_fixtures import write_tokenized
 
-from instructflow import generation, loading, templates
+from instructflow import generation, loading, model_specs, templates
 from instructflow.builtin import smollm2
 from instructflow.config import ModelConfig, TrainConfig
-from instructflow.training.fixtures import write_tokenized
 
 ROOT = Path(__file__).resolve().parents[1]
 CH07 = ROOT / "instructflow" / "data" / "ch07" / "instruction-data.json"
@@ -43,7 +43,7 @@ def _chat(model, tok, question: str, max_new_tokens: int = 24) -> str:
 def test_smollm2_is_the_real_model_and_answers(smollm2_dir, smollm2_gguf):
     from transformers import AutoModelForCausalLM
 
-    model, tok, template = loading.load_for_inference(smollm2.NAME)
+    model, tok, template = model_specs.load_for_inference(smollm2.NAME)
     assert template == "chat_template"
     assert type(model).__name__ == "LlamaForCausalLM" and len(tok) == 49_152
     assert sum(p.numel() for p in model.parameters()) == 134_515_008

@@ -90,7 +90,8 @@ def _warnings() -> tuple[list[str], object]:
 def test_a_damaged_newest_checkpoint_is_named_and_the_newest_that_loads_resumes(train_inputs):
     from instructflow import workspace
     from instructflow.config import TrainConfig
-    from tasks.train import train, work_key
+    from instructflow.training.stage import work_key
+    from tasks.train import train
 
     tokenized, base, tok_ref = train_inputs
     cfg = TrainConfig(

@@ -69,7 +69,7 @@ def test_registered_model_reloads_exactly_and_first_version_is_champion(home, lo
     from mlflow.tracking import MlflowClient
 
     import mlflow
-    from instructflow import loading, registry
+    from instructflow import model_specs, registry
     from tasks.register import register
 
     tok_ref, base = local_base
@@ -89,7 +89,7 @@ def test_registered_model_reloads_exactly_and_first_version_is_champion(home, lo
     run = client.get_run(champ.run_id)
     assert run.data.tags["instructflow.gate.decision"] == "promoted"
 
-    model, tok, template = loading.load_for_inference(f"models:/{NAME}@champion")
+    model, tok, template = model_specs.load_for_inference(f"models:/{NAME}@champion")
     assert template == "alpaca"
     assert torch.allclose(logits(model, tok), logits(trained, tok), atol=1e-5)
     # Reference, not copy: the logged model holds the adapter but no base weights.
@@ -116,7 +116,7 @@ def test_registered_model_reloads_exactly_and_first_version_is_champion(home, lo
 def test_gate_rejects_regression_and_promotes_improvement(home):
     from mlflow.tracking import MlflowClient
 
-    from instructflow import loading
+    from instructflow import model_specs
     from tasks.base_model import prepare_base_model, prepare_tokenizer
     from tasks.register import register
 
@@ -153,7 +153,7 @@ def test_gate_rejects_regression_and_promotes_improvement(home):
     assert third["promoted"] is True, third["reasons"]
     assert client.get_model_version_by_alias(NAME, "champion").version == 3
 
-    model, tok, _ = loading.load_for_inference(f"models:/{NAME}@champion")
+    model, tok, _ = model_specs.load_for_inference(f"models:/{NAME}@champion")
     assert torch.allclose(logits(model, tok), logits(trained, tok), atol=1e-5)
 
 
@@ -163,7 +163,7 @@ def test_gate_rules():
 
     cfg = RegisterConfig(min_win_rate=0.5, max_rougeL_drop=0.02, max_perplexity_increase=0.05)
     champ = {"perplexity": 10.0, "perplexity_base": 20.0, "rougeL": 0.5, "rougeL_base": 0.2}
-    trusted = {"usable": True, "status": "judge trusted", "pairwise_opponent": "champion"}
+    trusted = {"usable": True, "status": "judge trusted", "pairwise_opponent": "base"}
 
     def judged(wins: int, ties: int, losses: int) -> dict:
         return {**champ, "wins": wins, "ties": ties, "losses": losses}
@@ -172,7 +172,7 @@ def test_gate_rules():
     ok, reasons = gate(judged(12, 3, 4), champ, cfg, judge=trusted)
     assert ok and any("decisive 0.750" in r and "lower bound > 0.5" in r for r in reasons)
     ok, reasons = gate(judged(10, 0, 6), champ, cfg, judge=trusted)
-    assert not ok and any("lower bound <= 0.5" in r and "vs the champion" in r for r in reasons)
+    assert not ok and any("lower bound <= 0.5" in r and "vs the base model" in r for r in reasons)
     # A tie is not a win: all ties fail, and so does one win among many ties (ties counted
     # as half a win gave 0.5 [0.5, 0.5] and 0.505 [0.5, 0.52] here, and both passed).
     ok, reasons = gate(judged(0, 106, 0), champ, cfg, judge=trusted)
@@ -300,7 +300,7 @@ def test_a_registered_copy_is_checked_for_what_it_holds_and_refused_when_damaged
     file is refused in one line naming it."""
     from mlflow.tracking import MlflowClient
 
-    from instructflow import loading
+    from instructflow import loading, model_specs
     from tasks.register import register
 
     tok_ref, base = local_base
@@ -318,7 +318,7 @@ def test_a_registered_copy_is_checked_for_what_it_holds_and_refused_when_damaged
     train = write_artifact("train", write)
     report = make_report(perplexity=5.0, perplexity_base=9.0, rougeL=0.4, rougeL_base=0.1)
     register(train, report, base, RegisterConfig(model_name=NAME))
-    model, tok, _ = loading.load_for_inference(f"models:/{NAME}@champion")
+    model, tok, _ = model_specs.load_for_inference(f"models:/{NAME}@champion")
     assert torch.allclose(logits(model, tok), logits(trained, tok), atol=1e-5)
 
     version = MlflowClient().get_model_version_by_alias(NAME, "champion")
@@ -329,6 +329,6 @@ def test_a_registered_copy_is_checked_for_what_it_holds_and_refused_when_damaged
     )
     stored.write_bytes(stored.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(loading.LoadError) as err:
-        loading.load_for_inference(f"models:/{NAME}@champion")
+        model_specs.load_for_inference(f"models:/{NAME}@champion")
     line = str(err.value)
     assert "\n" not in line and "adapter_model.safetensors is changed" in line, line

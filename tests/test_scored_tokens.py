@@ -14,7 +14,7 @@ from evaluate_fixtures import make_splits
 from instructflow import templates as T
 from instructflow.artifacts import write_artifact
 from instructflow.config import TokenizeConfig
-from tasks.evaluate import scored_examples
+from instructflow.scoring import scored_examples
 from tasks.tokenize import IGNORE, boundary_labels, tokenize
 
 

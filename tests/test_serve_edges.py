@@ -131,7 +131,7 @@ def test_a_chunked_body_over_the_limit_is_not_read_whole(server):
 
 
 def test_user_text_spelling_special_tokens_is_encoded_as_text(server):
-    from instructflow.loading import load_builtin
+    from instructflow.model_specs import load_builtin
 
     url, _, _ = server
     _, tok = load_builtin("builtin:tiny")

@@ -206,11 +206,11 @@ def test_small_batches_save_one_shard_each_with_the_one_batch_rows_and_figures(h
 
     from datasets import load_from_disk
 
+    from instructflow.arrow_io import save_table
     from instructflow.config import ModelConfig
     from instructflow.loading import load_tokenizer
     from tasks.base_model import prepare_tokenizer
     from tasks.split import SPLITS, read_split
-    from tasks.tokenize import save_table
 
     splits, tokenizer = demo_split(60), prepare_tokenizer(ModelConfig())
     whole_cfg = TokenizeConfig(template="chatml", max_length=64)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenized_fixtures import write_tokenized
 
 from instructflow import demo_data
 from instructflow.artifacts import sha256_file
 from instructflow.config import ModelConfig, TrainConfig
 from instructflow.loading import load_finetuned, load_tokenizer
-from instructflow.training.fixtures import write_tokenized
 from instructflow.training.packing import (
     IGNORE,
     PackingCollator,
@@ -20,9 +20,10 @@ from instructflow.training.packing import (
     packs_correctly,
     use_varlen_attention,
 )
+from instructflow.training.stage import TrainError
 from instructflow.training.trainer import last_complete_checkpoint
 from tasks.base_model import prepare_base_model, prepare_tokenizer
-from tasks.train import TrainError, train
+from tasks.train import train
 
 VOCAB = 96
 

@@ -15,8 +15,9 @@ import torch
 from instructflow import workspace
 from instructflow.config import TrainConfig
 from instructflow.loading import load_base_model, load_tokenizer
+from instructflow.training.stage import work_key
 from instructflow.training.trainer import ROOT, last_complete_checkpoint
-from tasks.train import train, work_key
+from tasks.train import train
 
 pytestmark = pytest.mark.slow
 STEPS = 16  # long enough after the first checkpoint (step 2) for the test to kill it

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from instructflow import user_cache
+
 # Bump when the converted folder's content would change (a new conversion recipe).
 CONVERSION_VERSION = 1
 INFO_FILE = "conversion.json"
@@ -63,9 +65,7 @@ def is_gguf(spec: str) -> bool:
 
 
 def root() -> Path:
-    from instructflow.builtin.model import cache_root
-
-    return cache_root() / "gguf"
+    return user_cache.gguf_root()
 
 
 def target_dir(gguf_sha256: str, stem: str) -> Path:

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from instructflow import housekeeping, runs, workspace
-    from instructflow.builtin.model import cache_root
+    from instructflow.user_cache import cache_root
 
     console = Console()
     if not console.is_terminal:

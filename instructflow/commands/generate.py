@@ -26,11 +26,11 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import mlflow
-    from instructflow import loading, registry, tracking
+    from instructflow import model_specs, registry, tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri(args.tracking_uri))
     instruction = sys.stdin.read() if args.instruction == "-" else args.instruction
-    model, tokenizer, template = loading.load_for_inference(args.model)
+    model, tokenizer, template = model_specs.load_for_inference(args.model)
     print(
         registry.generate(
             model,

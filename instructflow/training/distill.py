@@ -25,6 +25,19 @@ TEACHER_IDS = "teacher_ids"
 TEACHER_LOGITS = "teacher_logits"
 
 
+class DistillError(RuntimeError):
+    """A distillation that cannot go on; the message is one line."""
+
+
+def require_same_vocabulary(tok, data_tok, what: str) -> None:
+    """Token ids are compared one to one between teacher and student: same vocabulary only."""
+    if tok.get_vocab() != data_tok.get_vocab():
+        raise DistillError(
+            f"{what}: its tokenizer's vocabulary differs from the data's ({len(tok)} vs "
+            f"{len(data_tok)} tokens); teacher, student and data must share one tokenizer"
+        )
+
+
 def scored_positions(labels) -> list[int]:
     """Positions t of one example whose next label is scored (labels[t + 1] != -100)."""
     return [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE]

@@ -42,9 +42,6 @@ class Method:
     runtime_packages: tuple[str, ...] = ()
     # Non-PEFT adapters: (base model, method config) -> the model to train, adapters attached.
     attach: Callable[[Any, Any], Any] | None = None
-    # Virtual tokens in front of every input (prompt/prefix tuning): generation must put them
-    # in the decode path (instructflow.generation.virtual_prefix).
-    virtual_tokens: bool = False
 
     @property
     def saves_adapter(self) -> bool:
@@ -136,7 +133,6 @@ METHODS: dict[str, Method] = {
             _prompt_tuning,
             packing=False,
             peft_type="PROMPT_TUNING",
-            virtual_tokens=True,
         ),
         Method(
             "prefix_tuning",
@@ -144,7 +140,6 @@ METHODS: dict[str, Method] = {
             _prefix_tuning,
             packing=False,
             peft_type="PREFIX_TUNING",
-            virtual_tokens=True,
         ),
         Method("ia3", IA3Method, _ia3, mergeable=True, peft_type="IA3"),
         # Bottleneck adapters are not a PEFT type, and AdapterHub's `adapters` (1.3) needs

@@ -1,4 +1,4 @@
-"""Tokenize-artifact stand-ins for tests and the benchmark (same layout as the tokenize stage).
+"""Tokenize-artifact stand-ins for tests (same layout as the tokenize stage).
 
 Rows are rendered with `instructflow.templates` and tokenised segment by segment: prompt
 tokens get label -100, response tokens (and the end-of-turn token) are trained.
